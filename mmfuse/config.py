@@ -1,0 +1,154 @@
+"""Dataclass configs, saved as JSON inside every checkpoint.
+
+A :class:`MultimodalConfig` names an LLM, one encoder and one connector per modality, and a fusion
+strategy. Backbones are given either as ``name_or_path`` (hub id, local directory, or ``world:<name>``
+for the built-in world's pretrained backbones) or as a Hugging Face config dict (``hf_config``), which
+builds the architecture with random weights. A saved checkpoint always stores the resolved
+``hf_config`` so that loading it needs no network.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+MODALITIES = ("image", "audio", "video")
+
+
+def _from_dict(cls, data: dict[str, Any]):
+    """Build dataclass ``cls`` from a (nested) dict, rejecting unknown keys with a clear error."""
+    if not isinstance(data, dict):
+        raise TypeError(f"{cls.__name__}: expected a mapping, got {type(data).__name__}")
+    names = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(names))
+    if unknown:
+        raise ValueError(f"{cls.__name__}: unknown field(s) {unknown}; known fields are {sorted(names)}")
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, value in data.items():
+        kwargs[key] = _coerce(hints[key], value)
+    return cls(**kwargs)
+
+
+def _coerce(hint, value):
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None:
+            return None
+        hint = next(a for a in args if a is not type(None))
+        return _coerce(hint, value)
+    if dataclasses.is_dataclass(hint) and isinstance(value, dict):
+        return _from_dict(hint, value)
+    if origin is dict and len(args) == 2 and dataclasses.is_dataclass(args[1]):
+        return {k: _from_dict(args[1], v) if isinstance(v, dict) else v for k, v in value.items()}
+    if origin is list and args and dataclasses.is_dataclass(args[0]):
+        return [_from_dict(args[0], v) if isinstance(v, dict) else v for v in value]
+    if origin is tuple and isinstance(value, list):
+        return tuple(value)
+    return value
+
+
+class JsonConfig:
+    """Mixin: ``to_dict`` / ``from_dict`` / ``save`` / ``load`` for dataclass configs."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]):
+        return _from_dict(cls, data)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path):
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+
+@dataclass
+class LLMConfig(JsonConfig):
+    """The causal LM. ``name_or_path``: hub id, local dir or ``world:llm``; ``hf_config``: a
+    transformers config dict (must contain ``model_type``) to build random weights instead."""
+
+    name_or_path: str | None = None
+    hf_config: dict[str, Any] | None = None
+    tokenizer: str | None = None  # defaults to name_or_path
+    dtype: str = "float32"
+
+
+@dataclass
+class EncoderConfig(JsonConfig):
+    """One modality's encoder, loaded through ``AutoModel``.
+
+    ``feature_layer``: which hidden state to take (-1 last, -2 penultimate as LLaVA does).
+    ``drop_cls``: "auto" drops a leading CLS token when the encoder's output has one more token than
+    it has patches (CLIP, ViT); SigLIP has none. ``processor``: a dict for the image processor /
+    feature extractor when the encoder directory ships none.
+    """
+
+    modality: str = "image"
+    name_or_path: str | None = None
+    hf_config: dict[str, Any] | None = None
+    feature_layer: int = -1
+    drop_cls: str = "auto"  # "auto" | "yes" | "no"
+    processor: dict[str, Any] | None = None
+    pad_to_square: bool = True  # LLaVA-1.5 `image_aspect_ratio pad`
+    frames: int = 8  # video: frames sampled per clip
+
+
+@dataclass
+class ConnectorConfig(JsonConfig):
+    """Maps encoder features (B, N, D_enc) to LLM inputs (B, M, D_llm).
+
+    kind: ``linear`` (LLaVA), ``mlp<k>x_gelu`` (LLaVA-1.5 uses mlp2x_gelu), ``qformer`` (BLIP-2 style
+    learned queries), ``identity``. ``pool_stride`` > 1 average-pools the features in time/sequence
+    before projecting (Qwen-Audio uses 2). ``boundary_tokens`` adds learned begin/end vectors around
+    each item (Qwen-Audio's audio BOS/EOS).
+    """
+
+    kind: str = "linear"
+    pool_stride: int = 1
+    num_queries: int = 32
+    depth: int = 2
+    num_heads: int = 4
+    hidden_size: int | None = None  # qformer width; defaults to the encoder width
+    cross_attention_every: int = 2  # qformer: cross-attention in every n-th block (BLIP-2: 2)
+    boundary_tokens: bool = False
+
+
+@dataclass
+class FusionConfig(JsonConfig):
+    """Which survey type and its settings. ``type``: "C" (non-tokenized early fusion) for now."""
+
+    type: str = "C"
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class MultimodalConfig(JsonConfig):
+    llm: LLMConfig = field(default_factory=LLMConfig)
+    encoders: dict[str, EncoderConfig] = field(default_factory=dict)
+    connectors: dict[str, ConnectorConfig] = field(default_factory=dict)
+    fusion: FusionConfig = field(default_factory=FusionConfig)
+    max_length: int = 512
+    chat_template: str | None = None  # overrides the tokenizer's template
+    on_overflow: str = "error"  # "error" | "skip": a sample that does not fit max_length
+
+    def __post_init__(self):
+        for name, enc in self.encoders.items():
+            if name not in MODALITIES:
+                raise ValueError(f"encoders: unknown modality {name!r}; expected one of {MODALITIES}")
+            if enc.modality != name:
+                raise ValueError(f"encoders[{name!r}].modality is {enc.modality!r}; it must equal the key")
+        missing = sorted(set(self.encoders) - set(self.connectors))
+        if missing:
+            raise ValueError(f"connectors: no connector for modality {missing}; add connectors.{missing[0]}")
+        if self.on_overflow not in ("error", "skip"):
+            raise ValueError(f"on_overflow must be 'error' or 'skip', got {self.on_overflow!r}")
