@@ -1,0 +1,16 @@
+"""Fusion strategies, one per survey type."""
+
+from ..config import FusionConfig
+from .base import FusionStrategy
+from .embedding import PLACEHOLDER_IDS, EmbeddingFusion
+
+STRATEGIES = {"C": EmbeddingFusion}
+
+
+def build_fusion(cfg: FusionConfig) -> FusionStrategy:
+    if cfg.type not in STRATEGIES:
+        raise ValueError(f"fusion.type {cfg.type!r} is not available; available: {sorted(STRATEGIES)}")
+    return STRATEGIES[cfg.type](**cfg.options)
+
+
+__all__ = ["PLACEHOLDER_IDS", "STRATEGIES", "EmbeddingFusion", "FusionStrategy", "build_fusion"]

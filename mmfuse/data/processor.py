@@ -1,0 +1,177 @@
+"""The processor: a :class:`Sample` to model inputs.
+
+It renders the conversation with the tokenizer's chat template (a plain ``User:/Assistant:`` template
+when the tokenizer has none), puts labels only on the assistant's turns (including the token that ends
+the turn), loads every media item, and expands each marker into exactly the positions the fusion
+strategy's layout asks for, with the count computed from the encoder + connector's real output.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from .media import MediaProcessor
+from .schema import MARKERS, Message, Sample
+
+IGNORE_INDEX = -100
+_MARKER_RE = re.compile("|".join(re.escape(m) for m in MARKERS.values()))
+_MODALITY_OF = {marker: modality for modality, marker in MARKERS.items()}
+
+PLAIN_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}"
+    "{% if m['role'] == 'assistant' %}Assistant: {{ m['content'] }}{{ eos_token }}\n"
+    "{% elif m['role'] == 'system' %}{{ m['content'] }}\n"
+    "{% else %}User: {{ m['content'] }}\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}Assistant: {% endif %}"
+)
+
+
+@dataclass
+class Encoded:
+    """One processed sample: token ids, labels, and per modality a ``(items, ...)`` tensor."""
+
+    id: str
+    input_ids: list[int]
+    labels: list[int]
+    media: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+class SampleTooLong(ValueError):
+    """A sample does not fit ``max_length`` (never truncated: truncation could cut a media span)."""
+
+
+class Processor:
+    """Callable ``(sample, for_generation=False) -> Encoded``.
+
+    ``count_tokens(modality, item_shape)`` returns how many vectors the connector yields for one item
+    of that input shape; ``layout(modality, n)`` returns the ids standing for it.
+    ``on_overflow``: "error" raises :class:`SampleTooLong`; "skip" returns ``None`` and records the id in
+    ``self.skipped``.
+    """
+
+    def __init__(
+        self,
+        tokenizer,
+        media_processors: dict[str, MediaProcessor],
+        count_tokens: Callable[[str, tuple[int, ...]], int],
+        layout: Callable[[str, int], list[int]],
+        *,
+        max_length: int = 512,
+        chat_template: str | None = None,
+        on_overflow: str = "error",
+    ):
+        self.tokenizer = tokenizer
+        self.media_processors = media_processors
+        self.count_tokens = count_tokens
+        self.layout = layout
+        self.max_length = max_length
+        self.chat_template = chat_template or tokenizer.chat_template or PLAIN_TEMPLATE
+        self.on_overflow = on_overflow
+        self.skipped: list[str] = []
+        self.stop_token_ids = self._stop_token_ids()
+
+    # -- text ---------------------------------------------------------------------------------
+    def render(self, messages: list[Message], add_generation_prompt: bool = False) -> str:
+        return self.tokenizer.apply_chat_template(
+            [{"role": m.role, "content": m.content} for m in messages],
+            chat_template=self.chat_template,
+            tokenize=False,
+            add_generation_prompt=add_generation_prompt,
+        )
+
+    def assistant_spans(self, sample_id: str, messages: list[Message]) -> tuple[str, list[tuple[int, int]]]:
+        """The rendered text and the character spans of each assistant turn (with its end token)."""
+        text = self.render(messages)
+        spans = []
+        for i, msg in enumerate(messages):
+            if msg.role != "assistant":
+                continue
+            prompt = self.render(messages[:i], add_generation_prompt=True)
+            end_text = self.render(messages[: i + 1])
+            if not text.startswith(end_text) or not end_text.startswith(prompt):
+                raise ValueError(
+                    f"sample {sample_id!r}: the chat template does not render conversations prefix by prefix, so "
+                    "assistant turns cannot be located; set chat_template in the model config"
+                )
+            spans.append((len(prompt), max(len(prompt), len(end_text.rstrip()))))  # trailing whitespace is not learned
+        return text, spans
+
+    def _stop_token_ids(self) -> list[int]:
+        """Ids that end an assistant turn: the tokenizer's EOS and the template's end-of-turn token."""
+        ids = {self.tokenizer.eos_token_id} - {None}
+        probe = [Message("user", "hi"), Message("assistant", "ok")]
+        full = self.render(probe)
+        prompt = self.render(probe[:1], add_generation_prompt=True)
+        tail = full[len(prompt) + len("ok"):] if full.startswith(prompt + "ok") else ""
+        tail_ids = self.tokenizer(tail, add_special_tokens=False)["input_ids"] if tail.strip() else []
+        if tail_ids:
+            ids.add(tail_ids[0])
+        return sorted(ids)
+
+    # -- samples ------------------------------------------------------------------------------
+    def __call__(self, sample: Sample, for_generation: bool = False) -> Encoded | None:
+        sample.validate()
+        media = {
+            modality: [self.media_processors[modality](item, sample.id, i) for i, item in enumerate(items)]
+            for modality, items in sample.media.items()
+            if items
+        }
+        missing = sorted(set(media) - set(self.media_processors))
+        if missing:
+            raise ValueError(f"sample {sample.id!r}: field {missing[0]!r} has media but the model has no {missing[0]} encoder")
+        if for_generation:
+            messages, _ = sample.prompt_and_answer() if sample.messages[-1].role == "assistant" else (sample.messages, "")
+            text, spans = self.render(messages, add_generation_prompt=True), []
+        else:
+            text, spans = self.assistant_spans(sample.id, sample.messages)
+            if not spans:
+                raise ValueError(f"sample {sample.id!r}: field 'conversations' has no assistant turn to learn from")
+
+        input_ids: list[int] = []
+        labels: list[int] = []
+        next_item = {m: 0 for m in media}
+        for piece_start, piece_end, modality in self._pieces(text, spans):
+            if modality is None:
+                ids = self.tokenizer(text[piece_start:piece_end], add_special_tokens=False)["input_ids"]
+                inside = any(s <= piece_start and piece_end <= e for s, e in spans)
+                input_ids += ids
+                labels += ids if inside else [IGNORE_INDEX] * len(ids)
+                continue
+            item = media[modality][next_item[modality]]
+            next_item[modality] += 1
+            ids = self.layout(modality, self.count_tokens(modality, tuple(item.shape)))
+            input_ids += ids
+            labels += [IGNORE_INDEX] * len(ids)
+
+        if not for_generation and all(label == IGNORE_INDEX for label in labels):
+            raise ValueError(f"sample {sample.id!r}: every label is masked; the assistant turns produced no tokens")
+        if len(input_ids) > self.max_length:
+            if self.on_overflow == "skip":
+                self.skipped.append(sample.id)
+                return None
+            raise SampleTooLong(
+                f"sample {sample.id!r}: {len(input_ids)} tokens (media included) exceed max_length {self.max_length}; "
+                "raise max_length or set on_overflow='skip' (samples are never truncated)"
+            )
+        stacked = {m: torch.stack(items) for m, items in media.items()}
+        return Encoded(sample.id, input_ids, labels, stacked)
+
+    @staticmethod
+    def _pieces(text: str, spans: list[tuple[int, int]]):
+        """Split ``text`` at media markers and assistant-span edges: ``(start, end, modality | None)``.
+
+        Text pieces are tokenized separately, so the prompt is tokenized exactly as at generation
+        time and each answer as it would be generated.
+        """
+        markers = [(m.start(), m.end(), _MODALITY_OF[m.group()]) for m in _MARKER_RE.finditer(text)]
+        cuts = sorted({0, len(text), *(p for span in spans for p in span), *(p for a, b, _ in markers for p in (a, b))})
+        marker_at = {a: (b, modality) for a, b, modality in markers}
+        for a, b in zip(cuts, cuts[1:]):
+            if a in marker_at:
+                yield a, b, marker_at[a][1]
+            elif a < b:
+                yield a, b, None

@@ -1,0 +1,66 @@
+"""The sample schema every loader produces and the processor consumes.
+
+A sample is a conversation whose message texts hold media markers (``<image>``, ``<audio>``,
+``<video>``) and, per modality, the list of media files in the order their markers appear.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+MARKERS = {"image": "<image>", "audio": "<audio>", "video": "<video>"}
+ROLES = ("system", "user", "assistant")
+
+
+@dataclass
+class Message:
+    role: str  # "system" | "user" | "assistant"
+    content: str
+
+
+@dataclass
+class Sample:
+    """One training or evaluation example.
+
+    ``media[m]`` lists the files (or already loaded arrays) for modality ``m`` in marker order;
+    ``meta`` carries free-form annotations (question kind, reference answer, split, ...).
+    """
+
+    id: str
+    messages: list[Message]
+    media: dict[str, list[Any]] = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def marker_counts(self) -> dict[str, int]:
+        return {m: sum(msg.content.count(tok) for msg in self.messages) for m, tok in MARKERS.items()}
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the sample and field when the sample is malformed."""
+        if not self.messages:
+            raise ValueError(f"sample {self.id!r}: field 'conversations' is empty")
+        for i, msg in enumerate(self.messages):
+            if msg.role not in ROLES:
+                raise ValueError(f"sample {self.id!r}: conversations[{i}] has role {msg.role!r}; expected one of {ROLES}")
+            if not isinstance(msg.content, str):
+                raise ValueError(f"sample {self.id!r}: conversations[{i}].value must be a string, got {type(msg.content).__name__}")
+        counts = self.marker_counts()
+        for modality, n_markers in counts.items():
+            n_media = len(self.media.get(modality, []))
+            if n_markers != n_media:
+                raise ValueError(
+                    f"sample {self.id!r}: field {modality!r} lists {n_media} file(s) but the conversation has "
+                    f"{n_markers} {MARKERS[modality]} marker(s); they must match one to one"
+                )
+
+    def prompt_and_answer(self) -> tuple[list[Message], str]:
+        """Split off the final assistant turn: (messages up to the last user turn, reference answer)."""
+        if self.messages[-1].role != "assistant":
+            raise ValueError(f"sample {self.id!r}: the last turn must be the assistant's answer")
+        return self.messages[:-1], self.messages[-1].content
+
+    def resolve(self, root: Path) -> "Sample":
+        """Return a copy whose relative media paths are resolved against ``root``."""
+        media = {m: [root / p if isinstance(p, (str, Path)) else p for p in items] for m, items in self.media.items()}
+        return Sample(self.id, list(self.messages), media, dict(self.meta))

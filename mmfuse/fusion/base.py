@@ -1,0 +1,35 @@
+"""The fusion-strategy interface: the only place the survey type changes the code path.
+
+A strategy answers three questions (see DESIGN.md):
+1. layout: what one media item becomes in the token stream;
+2. attachment: what it adds to or wraps inside the LLM (``attach``), and which parameters are its own;
+3. conditioning: how media features reach the LLM in one forward call (``llm_inputs``), which
+   ``generate()`` reuses with the LLM's KV cache.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class FusionStrategy(nn.Module):
+    survey_type: str = ""
+
+    def layout(self, modality: str, num_tokens: int) -> list[int]:
+        """Token ids standing for one ``modality`` item whose connector yields ``num_tokens`` vectors."""
+        raise NotImplementedError
+
+    def attach(self, llm: nn.Module) -> None:
+        """Add or wrap modules inside ``llm``; called once when the model is built."""
+        raise NotImplementedError
+
+    def llm_inputs(
+        self, llm: nn.Module, input_ids: torch.Tensor, media: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        """Keyword arguments for ``llm(...)`` / ``llm.generate(...)`` that carry the media.
+
+        input_ids: ``(B, L)`` from the processor's layout; media: modality -> ``(items, tokens, d_llm)``
+        connector outputs, items in the order their markers appear in the batch (row-major).
+        """
+        raise NotImplementedError

@@ -1,0 +1,206 @@
+"""MultimodalLM: an LLM, one encoder and connector per modality, and a fusion strategy.
+
+    media[m] -> encoders[m] -> connectors[m] -> fusion strategy -> Hugging Face causal LM
+
+A checkpoint directory holds ``config.json`` + ``model.safetensors`` + the tokenizer files + one
+media processor per modality under ``processors/<m>/``; loading never unpickles.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_model, save_model
+from torch import nn
+
+from .backbones.encoders import MediaEncoder
+from .backbones.loading import (
+    config_dict,
+    load_encoder_model,
+    load_llm,
+    load_media_processor,
+    load_tokenizer,
+)
+from .config import MultimodalConfig
+from .connectors import Connector
+from .data.collate import Collator
+from .data.media import MediaProcessor
+from .data.processor import Processor
+from .data.schema import Sample
+from .fusion import build_fusion
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+
+
+class MultimodalLM(nn.Module):
+    """The composed model. Build with :meth:`from_config` (backbones named in the config) or
+    :meth:`from_pretrained` (a saved mmfuse checkpoint)."""
+
+    def __init__(self, config: MultimodalConfig, llm, encoders: dict[str, MediaEncoder], tokenizer, media_processors):
+        super().__init__()
+        self.config = config
+        self.llm = llm
+        self.encoders = nn.ModuleDict(encoders)
+        llm_dim = llm.get_input_embeddings().embedding_dim
+        self.connectors = nn.ModuleDict(
+            {m: Connector(config.connectors[m], enc.hidden_size, llm_dim) for m, enc in encoders.items()}
+        )
+        self.fusion = build_fusion(config.fusion)
+        self.fusion.attach(llm)
+        self.tokenizer = tokenizer
+        self.media_processors = media_processors
+        self._token_counts: dict[tuple, int] = {}
+        self.processor = Processor(
+            tokenizer,
+            media_processors,
+            self.media_token_count,
+            self.fusion.layout,
+            max_length=config.max_length,
+            chat_template=config.chat_template,
+            on_overflow=config.on_overflow,
+        )
+
+    # -- construction ---------------------------------------------------------------------------
+    @classmethod
+    def from_config(cls, config: MultimodalConfig) -> "MultimodalLM":
+        """Build from backbones named in ``config`` (pretrained weights when paths are given)."""
+        config = copy.deepcopy(config)
+        llm = load_llm(config.llm)
+        config.llm.hf_config = config_dict(llm.config)
+        tokenizer = load_tokenizer(config.llm)
+        encoders, processors = {}, {}
+        for modality, enc_cfg in config.encoders.items():
+            model = load_encoder_model(enc_cfg)
+            processors[modality] = MediaProcessor(
+                modality, load_media_processor(enc_cfg, model.config), pad_to_square=enc_cfg.pad_to_square, frames=enc_cfg.frames
+            )
+            enc_cfg.hf_config = config_dict(model.config)
+            encoders[modality] = MediaEncoder(enc_cfg, model)
+        return cls(config, llm, encoders, tokenizer, processors)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path) -> "MultimodalLM":
+        """Load a checkpoint written by :meth:`save_pretrained` (JSON + safetensors only)."""
+        directory = Path(directory)
+        if not (directory / CONFIG_NAME).is_file() or not (directory / WEIGHTS_NAME).is_file():
+            raise FileNotFoundError(f"{directory} is not an mmfuse checkpoint: it needs {CONFIG_NAME} and {WEIGHTS_NAME}")
+        config = MultimodalConfig.from_dict(json.loads((directory / CONFIG_NAME).read_text())["model"])
+        llm = load_llm(config.llm)
+        tokenizer = load_tokenizer(config.llm, fallback=str(directory))
+        encoders, processors = {}, {}
+        for modality, enc_cfg in config.encoders.items():
+            model = load_encoder_model(enc_cfg)
+            hf_processor = load_media_processor(enc_cfg, model.config, directory=str(directory / "processors" / modality))
+            processors[modality] = MediaProcessor(modality, hf_processor, pad_to_square=enc_cfg.pad_to_square, frames=enc_cfg.frames)
+            encoders[modality] = MediaEncoder(enc_cfg, model)
+        model = cls(config, llm, encoders, tokenizer, processors)
+        load_model(model, str(directory / WEIGHTS_NAME), strict=True)
+        return model.eval()
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        config = copy.deepcopy(self.config)
+        config.llm.hf_config = config_dict(self.llm.config)
+        payload = {"mmfuse_version": 1, "survey_type": self.fusion.survey_type, "model": config.to_dict()}
+        (directory / CONFIG_NAME).write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
+        save_model(self, str(directory / WEIGHTS_NAME))
+        self.tokenizer.save_pretrained(str(directory))
+        for modality, processor in self.media_processors.items():
+            processor.hf_processor.save_pretrained(str(directory / "processors" / modality))
+
+    # -- components -------------------------------------------------------------------------------
+    def parameter_groups(self) -> dict[str, list[tuple[str, nn.Parameter]]]:
+        """Parameters by component: ``llm``, ``encoders.<m>``, ``connectors.<m>``, ``fusion``."""
+        groups: dict[str, list[tuple[str, nn.Parameter]]] = {}
+        for name, param in self.named_parameters():
+            head = name.split(".", 2)
+            key = head[0] if head[0] in ("llm", "fusion") else f"{head[0]}.{head[1]}"
+            groups.setdefault(key, []).append((name, param))
+        return groups
+
+    def parameter_counts(self) -> dict[str, dict[str, int]]:
+        """``{group: {"total": n, "trainable": n}}`` plus an ``all`` row."""
+        counts = {}
+        for group, params in self.parameter_groups().items():
+            counts[group] = {
+                "total": sum(p.numel() for _, p in params),
+                "trainable": sum(p.numel() for _, p in params if p.requires_grad),
+            }
+        counts["all"] = {k: sum(c[k] for c in counts.values()) for k in ("total", "trainable")}
+        return counts
+
+    def collator(self, padding_side: str = "right") -> Collator:
+        return Collator(self.tokenizer.pad_token_id, padding_side)
+
+    def media_token_count(self, modality: str, item_shape: tuple[int, ...]) -> int:
+        """Vectors the encoder + connector produce for one item of input shape ``item_shape``.
+
+        Measured by running them once on zeros (cached per shape); RNG state is left untouched.
+        """
+        key = (modality, item_shape)
+        if key not in self._token_counts:
+            if modality not in self.encoders:
+                raise ValueError(f"the model has no {modality} encoder; it has {sorted(self.encoders)}")
+            device = next(self.parameters()).device
+            with torch.no_grad(), torch.random.fork_rng(devices=[]):
+                probe = torch.zeros((1, *item_shape), device=device, dtype=self._encoder_dtype(modality))
+                self._token_counts[key] = self.connectors[modality](self.encoders[modality](probe)).shape[1]
+        return self._token_counts[key]
+
+    def _encoder_dtype(self, modality: str) -> torch.dtype:
+        return next(self.encoders[modality].parameters()).dtype
+
+    # -- forward ----------------------------------------------------------------------------------
+    def encode_media(self, media: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """modality -> ``(items, tokens, d_llm)``; a frozen encoder runs without autograd."""
+        out = {}
+        for modality, inputs in media.items():
+            if modality not in self.encoders:
+                raise ValueError(f"batch has {modality} media but the model has no {modality} encoder")
+            encoder = self.encoders[modality]
+            trainable = any(p.requires_grad for p in encoder.parameters())
+            with torch.set_grad_enabled(torch.is_grad_enabled() and trainable):
+                features = encoder(inputs.to(self._encoder_dtype(modality)))
+            out[modality] = self.connectors[modality](features)
+        return out
+
+    def llm_inputs(self, input_ids: torch.Tensor, media: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
+        return self.fusion.llm_inputs(self.llm, input_ids, self.encode_media(media or {}))
+
+    def forward(self, input_ids, attention_mask=None, labels=None, media=None, ids=None, **llm_kwargs):
+        """Logits ``(B, L, vocab)`` and, with ``labels``, the next-token loss on labelled positions."""
+        try:
+            inputs = self.llm_inputs(input_ids, media)
+        except ValueError as err:
+            raise ValueError(f"batch {ids or '?'}: {err}") from err
+        return self.llm(attention_mask=attention_mask, labels=labels, **inputs, **llm_kwargs)
+
+    @torch.no_grad()
+    def generate(self, input_ids, attention_mask=None, media=None, ids=None, labels=None, **generate_kwargs):
+        """New token ids ``(B, new)``. Media are encoded once; the LLM's KV cache does the rest.
+
+        Takes the batch from ``collator(padding_side="left")``; ``generate_kwargs`` go to
+        ``transformers`` ``generate`` (``max_new_tokens``, ``do_sample``, ``temperature``, ``top_p``,
+        ``streamer``, ``use_cache``...).
+        """
+        inputs = self.llm_inputs(input_ids, media)
+        generate_kwargs.setdefault("eos_token_id", self.processor.stop_token_ids)
+        generate_kwargs.setdefault("pad_token_id", self.tokenizer.pad_token_id)
+        return self.llm.generate(attention_mask=attention_mask, **inputs, **generate_kwargs)
+
+    def answer(self, samples: list[Sample], **generate_kwargs) -> list[str]:
+        """Generate the assistant's reply for each sample (its final assistant turn, if any, is dropped)."""
+        batch = self.collator("left")([self.processor(s, for_generation=True) for s in samples])
+        device = next(self.parameters()).device
+        tokens = self.generate(
+            batch["input_ids"].to(device),
+            batch["attention_mask"].to(device),
+            {m: t.to(device) for m, t in batch["media"].items()},
+            **generate_kwargs,
+        )
+        return [t.strip() for t in self.tokenizer.batch_decode(tokens, skip_special_tokens=True)]

@@ -1,0 +1,144 @@
+"""The processor: chat templates, label masking, marker expansion, overflow policy, media errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import tiny_config
+from PIL import Image
+
+from mmfuse.config import ConnectorConfig
+from mmfuse.connectors import Connector
+from mmfuse.data.processor import IGNORE_INDEX, SampleTooLong
+from mmfuse.data.schema import Message, Sample
+from mmfuse.fusion import PLACEHOLDER_IDS
+from mmfuse.model import MultimodalLM
+
+
+def _labelled_text(model, enc):
+    return model.tokenizer.decode([t for t in enc.labels if t != IGNORE_INDEX])
+
+
+def _conversation(media_dir):
+    return Sample("conv", [
+        Message("system", "be brief"),
+        Message("user", "<image>\nwhat colour is the circle?"),
+        Message("assistant", "red"),
+        Message("user", "and the square? <image>"),
+        Message("assistant", "blue square"),
+    ], {"image": [media_dir / "a.png", media_dir / "b.png"]})
+
+
+def test_labels_only_on_assistant_turns_with_chat_template(tokenizer_dir, media_dir):
+    model = MultimodalLM.from_config(tiny_config(tokenizer_dir))
+    enc = model.processor(_conversation(media_dir))
+    assert _labelled_text(model, enc) == "red<|end|>blue square<|end|>"
+    # Every labelled position holds its own token; everything else is -100.
+    for token, label in zip(enc.input_ids, enc.labels):
+        assert label in (IGNORE_INDEX, token)
+    # The chat template's own assistant mask (from its {% generation %} blocks) agrees.
+    tok = model.tokenizer
+    msgs = [{"role": m.role, "content": m.content.replace("<image>", "")} for m in _conversation(media_dir).messages]
+    ref = tok.apply_chat_template(msgs, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+    ref_text = tok.decode([t for t, m in zip(ref["input_ids"], ref["assistant_masks"]) if m])
+    assert ref_text == "red<|end|>blue square<|end|>"
+
+
+def test_labels_with_plain_template(plain_tokenizer_dir, media_dir):
+    model = MultimodalLM.from_config(tiny_config(plain_tokenizer_dir))
+    enc = model.processor(_conversation(media_dir))
+    assert _labelled_text(model, enc) == "red<|end_of_text|>blue square<|end_of_text|>"
+    assert model.processor.stop_token_ids == [model.tokenizer.eos_token_id]
+
+
+def test_markers_expand_in_place_and_prompt_matches_generation(tokenizer_dir, media_dir):
+    model = MultimodalLM.from_config(tiny_config(tokenizer_dir))
+    sample = _conversation(media_dir)
+    enc = model.processor(sample)
+    ids = enc.input_ids
+    runs = [i for i in range(len(ids)) if ids[i] == PLACEHOLDER_IDS["image"] and (i == 0 or ids[i - 1] != ids[i])]
+    assert len(runs) == 2 and enc.media["image"].shape[0] == 2
+    assert ids.count(PLACEHOLDER_IDS["image"]) == 2 * 4
+    # The prompt of the first turn is tokenized exactly as at generation time.
+    prompt = model.processor(Sample("p", sample.messages[:2], {"image": sample.media["image"][:1]}), for_generation=True)
+    assert ids[: len(prompt.input_ids)] == prompt.input_ids
+    assert model.processor.stop_token_ids == sorted({model.tokenizer.eos_token_id, model.tokenizer.convert_tokens_to_ids("<|end|>")})
+
+
+def test_marker_and_media_count_mismatch_is_an_error(tokenizer_dir, media_dir):
+    model = MultimodalLM.from_config(tiny_config(tokenizer_dir))
+    bad = Sample("bad-1", [Message("user", "<image> <image>"), Message("assistant", "x")], {"image": [media_dir / "a.png"]})
+    with pytest.raises(ValueError, match=r"bad-1.*'image' lists 1 file.*2 <image> marker"):
+        model.processor(bad)
+
+
+def test_overflow_errors_or_skips_and_counts(tokenizer_dir, media_dir):
+    long_text = "what colour is the circle? " * 40
+    sample = Sample("long", [Message("user", "<image>" + long_text), Message("assistant", "red")], {"image": [media_dir / "a.png"]})
+    model = MultimodalLM.from_config(tiny_config(tokenizer_dir, max_length=64))
+    with pytest.raises(SampleTooLong, match="long.*exceed max_length 64"):
+        model.processor(sample)
+    skipping = MultimodalLM.from_config(tiny_config(tokenizer_dir, max_length=64, on_overflow="skip"))
+    assert skipping.processor(sample) is None and skipping.processor.skipped == ["long"]
+
+
+def test_media_errors_name_sample_and_field(tokenizer_dir, media_dir):
+    model = MultimodalLM.from_config(tiny_config(tokenizer_dir, audio="linear"))
+    (media_dir / "not_audio.wav").write_text("hello")
+    cases = [
+        ({"image": [media_dir / "missing.png"]}, "<image>", r"sample 'm': image\[0\]: file .* does not exist"),
+        ({"audio": [media_dir / "not_audio.wav"]}, "<audio>", r"sample 'm': audio\[0\]: cannot read"),
+        ({"audio": [np.full(100, np.nan, dtype=np.float32)]}, "<audio>", r"audio\[0\]: the clip contains NaN"),
+        ({"audio": [np.zeros(16000 * 3, dtype=np.float32)]}, "<audio>", r"audio\[0\]: the clip is 3.00 s, longer than the encoder's 1.00 s"),
+    ]
+    for media, marker, pattern in cases:
+        with pytest.raises(ValueError, match=pattern):
+            model.processor(Sample("m", [Message("user", marker), Message("assistant", "x")], media))
+
+
+def test_images_become_rgb_and_non_square_images_are_padded(tokenizer_dir, media_dir):
+    model = MultimodalLM.from_config(tiny_config(tokenizer_dir))
+    Image.new("L", (20, 10), 0).save(media_dir / "grey.png")
+    pixels = model.media_processors["image"](media_dir / "grey.png")
+    assert pixels.shape == (3, 16, 16)
+    # Top and bottom rows are the pad colour (the processor's mean, i.e. 0 after normalisation).
+    assert torch.allclose(pixels[:, 0], torch.zeros_like(pixels[:, 0]), atol=0.02)
+    assert pixels[:, 8].mean() < -0.9  # the black image itself
+
+
+def test_audio_is_resampled_to_the_encoder_rate(tokenizer_dir, tmp_path):
+    import soundfile
+
+    from mmfuse.data.media import load_audio
+
+    t = np.arange(8000) / 8000
+    soundfile.write(str(tmp_path / "s.wav"), np.stack([np.sin(2 * np.pi * 500 * t)] * 2, 1).astype(np.float32), 8000)
+    wave = load_audio(tmp_path / "s.wav", 16000)
+    assert wave.shape == (16000,)
+    peak = np.argmax(np.abs(np.fft.rfft(wave))) * 16000 / wave.shape[0]
+    assert abs(peak - 500) < 5
+
+
+@pytest.mark.parametrize("kind,extra", [("linear", {}), ("mlp2x_gelu", {}), ("qformer", {"num_queries": 5}),
+                                        ("linear", {"pool_stride": 2}), ("linear", {"boundary_tokens": True})])
+def test_connector_shapes(kind, extra):
+    connector = Connector(ConnectorConfig(kind=kind, **extra), encoder_dim=12, llm_dim=20)
+    out = connector(torch.randn(3, 10, 12))
+    expected = {"qformer": 5}.get(kind, 10)
+    expected = expected // extra.get("pool_stride", 1) + (2 if extra.get("boundary_tokens") else 0)
+    assert out.shape == (3, expected, 20)
+
+
+def test_mlp2x_gelu_is_linear_gelu_linear():
+    connector = Connector(ConnectorConfig(kind="mlp2x_gelu"), encoder_dim=4, llm_dim=6)
+    layers = list(connector.core)
+    assert [type(m).__name__ for m in layers] == ["Linear", "GELU", "Linear"]
+    x = torch.randn(1, 2, 4)
+    assert torch.allclose(connector(x), layers[2](torch.nn.functional.gelu(layers[0](x))))
+
+
+def test_pooling_averages_neighbours():
+    connector = Connector(ConnectorConfig(kind="identity", pool_stride=2), encoder_dim=3, llm_dim=3)
+    x = torch.arange(12.0).reshape(1, 4, 3)
+    assert torch.equal(connector(x), torch.stack([(x[0, 0] + x[0, 1]) / 2, (x[0, 2] + x[0, 3]) / 2])[None])
