@@ -1,0 +1,174 @@
+"""The ``mmfuse`` command line: data, backbones, train, eval, generate, recipes, info."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Build, train, evaluate and compare multimodal LLMs of all four fusion types.")
+data_app = typer.Typer(no_args_is_help=True, help="The built-in synthetic world and dataset tools.")
+backbones_app = typer.Typer(no_args_is_help=True, help="The built-in world's small pretrained backbones.")
+app.add_typer(data_app, name="data")
+app.add_typer(backbones_app, name="backbones")
+console = Console(stderr=True)
+
+
+def _progress() -> Progress:
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console)
+
+
+@data_app.command("synth")
+def data_synth(
+    out: Path = typer.Option(..., help="Directory to write the world into."),
+    seed: int = typer.Option(0, help="Seed; the same seed writes identical files."),
+    tiny: bool = typer.Option(False, help="A few items per split (for smoke tests)."),
+):
+    """Write the built-in synthetic world (LLaVA-style JSON + PNG/WAV/GIF files)."""
+    from .data.synth.world import WorldSizes, write_world
+
+    start = time.time()
+    with _progress() as bar:
+        task = bar.add_task("writing the world", total=None)
+
+        def report(done, total, description=""):
+            bar.update(task, completed=done, total=total, description=description or "writing the world")
+
+        write_world(out, seed=seed, sizes=WorldSizes.tiny() if tiny else None, progress=report)
+    console.print(f"wrote {out} in {time.time() - start:.1f} s")
+
+
+@backbones_app.command("build")
+def backbones_build(force: bool = typer.Option(False, help="Rebuild even when cached.")):
+    """Pretrain (or find cached) the world's LLM, vision and audio encoders."""
+    from .backbones.world import build_all, cache_dir
+
+    build_all(force=force)
+    console.print(f"world backbones are in {cache_dir()}")
+
+
+@app.command()
+def recipes():
+    """List the built-in recipes with their survey type."""
+    from .recipe import list_recipes, load_recipe
+
+    table = Table("recipe", "type", "description")
+    for name in list_recipes():
+        recipe = load_recipe(name)
+        table.add_row(name, recipe.survey_type, recipe.description[:110] + ("..." if len(recipe.description) > 110 else ""))
+    Console().print(table)
+
+
+@app.command()
+def train(
+    recipe: str = typer.Argument(..., help="A built-in recipe name (see `mmfuse recipes`) or a YAML file."),
+    data: Path = typer.Option(..., help="Dataset directory (`mmfuse data synth` output) or where the recipe's JSON files are."),
+    out: Path = typer.Option(..., help="Run directory: checkpoints, metrics.jsonl and the final model."),
+    resume: bool = typer.Option(False, help="Continue from the newest checkpoint in --out."),
+    seed: Optional[int] = typer.Option(None, help="Override the recipe's seed."),
+    steps_scale: float = typer.Option(1.0, help="Multiply every stage's steps (a quick run: 0.1)."),
+    save_every: Optional[int] = typer.Option(None, help="Checkpoint every N optimizer steps."),
+):
+    """Train a recipe's stages on a dataset; kill it at any time and continue with --resume."""
+    from .training import run_training
+
+    start = time.time()
+    run_training(recipe, data, out, resume=resume, seed=seed, steps_scale=steps_scale, save_every=save_every)
+    console.print(f"trained {recipe} into {out} in {time.time() - start:.1f} s")
+
+
+@app.command("eval")
+def evaluate(
+    run: Path = typer.Argument(..., help="A trained model directory (`mmfuse train --out`)."),
+    data: Path = typer.Option(..., help="Dataset directory."),
+    split: str = typer.Option("test", help="train | val | test | heldout"),
+    task: Optional[list[str]] = typer.Option(None, help="Dataset task(s) to score; default: the recipe's eval data."),
+    limit: Optional[int] = typer.Option(None, help="Score only the first N samples of each task."),
+    batch_size: int = typer.Option(32),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the results as JSON."),
+):
+    """Accuracy per question kind on a split."""
+    from .training import run_eval
+
+    results = run_eval(run, data, split, tasks=task, limit=limit, batch_size=batch_size, console=console)
+    out = Console()
+    for name, result in results.items():
+        table = Table("kind", "accuracy", "count", title=f"{name} ({split}) - overall {result['accuracy']:.1%} of {result['count']}")
+        for kind, row in result["by_kind"].items():
+            table.add_row(kind, f"{row['accuracy']:.1%}", str(row["count"]))
+        out.print(table)
+    if json_out:
+        json_out.write_text(json.dumps(results, indent=2) + "\n")
+
+
+@app.command()
+def generate(
+    run: Path = typer.Argument(..., help="A trained model directory."),
+    prompt: str = typer.Option(..., help="The user's message."),
+    image: Optional[list[Path]] = typer.Option(None, help="Image file(s); each goes where an <image> marker is (prepended if none)."),
+    audio: Optional[list[Path]] = typer.Option(None, help="Audio file(s); likewise with <audio>."),
+    max_new_tokens: int = typer.Option(32),
+    temperature: float = typer.Option(0.0, help="0 = greedy; otherwise sample with this temperature."),
+    top_p: float = typer.Option(1.0),
+    seed: int = typer.Option(0),
+):
+    """Answer a prompt about media, streaming the tokens as they come."""
+    import torch
+    from transformers import TextStreamer
+
+    from .data.schema import MARKERS, Message, Sample
+    from .model import MultimodalLM
+
+    model = MultimodalLM.from_pretrained(run)
+    media = {m: list(files) for m, files in (("image", image), ("audio", audio)) if files}
+    text = prompt
+    for modality, files in media.items():
+        missing = len(files) - text.count(MARKERS[modality])
+        text = (MARKERS[modality] + "\n") * max(missing, 0) + text
+    torch.manual_seed(seed)
+    sample = Sample("cli", [Message("user", text)], media)
+    sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {"do_sample": False}
+    streamer = TextStreamer(model.tokenizer, skip_prompt=True, skip_special_tokens=True)
+    model.answer([sample], max_new_tokens=max_new_tokens, streamer=streamer, **sampling)
+
+
+@app.command()
+def info(target: str = typer.Argument(..., help="A model directory or a recipe name.")):
+    """Parameters per component (llm, encoders, connectors, fusion), and what each stage trains."""
+    from .model import MultimodalLM
+    from .recipe import load_recipe
+    from .train import TrainConfig
+    from .train.stage import group_parameters
+    from .training import RUN_FILE
+
+    if Path(target).is_dir():
+        model = MultimodalLM.from_pretrained(target)
+        run_file = Path(target) / RUN_FILE
+        stages = TrainConfig.from_dict(json.loads(run_file.read_text())["train"]).stages if run_file.is_file() else []
+        title = f"{target} (survey type {model.fusion.survey_type})"
+    else:
+        recipe = load_recipe(target)
+        model = MultimodalLM.from_config(recipe.model)
+        stages = recipe.train.stages
+        title = f"recipe {recipe.name} (survey type {recipe.survey_type})"
+    groups = model.parameter_groups()
+    table = Table("component", "parameters", *[f"trains in {s.name}" for s in stages], title=title)
+    selected = [{id(p) for _, p in group_parameters(model, s.train)} for s in stages]
+    for group, params in [*groups.items(), ("total", [np for v in groups.values() for np in v])]:
+        row = [f"{sum(p.numel() for _, p in params):,}"]
+        for stage, ids in zip(stages, selected):
+            count = sum(p.numel() for _, p in params if id(p) in ids)
+            lora = " + LoRA" if group in ("llm", "total") and stage.lora else ""
+            row.append(f"{count:,}{lora}")
+        table.add_row(group, *row)
+    Console().print(table)
+
+
+if __name__ == "__main__":
+    app()

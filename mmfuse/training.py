@@ -1,0 +1,95 @@
+"""Run a recipe end to end: build the model, read the data, train the stages, evaluate.
+
+The CLI's ``train`` and ``eval`` commands and the Python API share these functions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+
+import torch
+
+from .data.dataset import ProcessedDataset
+from .data.formats import load_samples, resolve_dataset
+from .eval.qa import evaluate_qa
+from .model import MultimodalLM
+from .recipe import Recipe, load_recipe
+from .train import Trainer
+
+RUN_FILE = "run.json"
+
+
+def prepare_recipe(recipe: str | Path | Recipe, out: Path, *, seed=None, steps_scale=1.0, save_every=None) -> Recipe:
+    """The recipe with run-time overrides applied (output dir, seed, scaled steps)."""
+    recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
+    stages = [dataclasses.replace(s, steps=max(1, math.ceil(s.steps * steps_scale))) for s in recipe.train.stages]
+    overrides = {"output_dir": str(out), "stages": stages}
+    if seed is not None:
+        overrides["seed"] = seed
+    if save_every is not None:
+        overrides["save_every"] = save_every
+    return dataclasses.replace(recipe, train=dataclasses.replace(recipe.train, **overrides))
+
+
+def run_training(
+    recipe: str | Path | Recipe,
+    data: str | Path,
+    out: str | Path,
+    *,
+    resume: bool = False,
+    seed: int | None = None,
+    steps_scale: float = 1.0,
+    save_every: int | None = None,
+    progress: bool = True,
+) -> MultimodalLM:
+    """Train ``recipe`` on ``data`` into ``out`` and return the trained model."""
+    out = Path(out)
+    recipe = prepare_recipe(recipe, out, seed=seed, steps_scale=steps_scale, save_every=save_every)
+    out.mkdir(parents=True, exist_ok=True)
+    run_info = {
+        "recipe": recipe.name,
+        "survey_type": recipe.survey_type,
+        "data": str(data),
+        "train": recipe.train.to_dict(),
+        "eval": recipe.eval,
+    }
+    (out / RUN_FILE).write_text(json.dumps(run_info, indent=2) + "\n")
+    torch.manual_seed(recipe.train.seed)  # the same initial connector weights on every (re)start
+    model = MultimodalLM.from_config(recipe.model)
+    names = sorted({name for stage in recipe.train.stages for name in stage.data})
+    datasets = {name: ProcessedDataset(load_samples(resolve_dataset(data, name, "train")), model.processor) for name in names}
+    Trainer(model, recipe.train, datasets, model.collator(), progress=progress).train(resume=resume)
+    if model.processor.skipped:
+        print(f"skipped {len(model.processor.skipped)} sample(s) longer than max_length: {model.processor.skipped[:10]}")
+    return model
+
+
+def run_eval(
+    run: str | Path,
+    data: str | Path,
+    split: str = "test",
+    *,
+    tasks: list[str] | None = None,
+    limit: int | None = None,
+    batch_size: int = 32,
+    console=None,
+    model: MultimodalLM | None = None,
+) -> dict[str, dict]:
+    """Score a trained model on ``split`` of each task: ``{task: evaluate_qa(...) result}``."""
+    run = Path(run)
+    model = model or MultimodalLM.from_pretrained(run)
+    if not tasks:
+        info_path = run / RUN_FILE
+        tasks = json.loads(info_path.read_text())["eval"].get("data", []) if info_path.is_file() else []
+        if not tasks:
+            raise ValueError(f"{run}: no --task given and no recipe eval data recorded in {RUN_FILE}")
+    results = {}
+    for task in tasks:
+        samples = load_samples(resolve_dataset(data, task, split))[:limit]
+        if console is not None:
+            console.print(f"scoring {task} ({split}): {len(samples)} samples")
+        results[task] = evaluate_qa(model, samples, batch_size=batch_size)
+    return results

@@ -1,0 +1,92 @@
+"""Dataset formats (LLaVA JSON, JSON lines, caption pairs), recipes and QA scoring."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from mmfuse.data.formats import load_samples, resolve_dataset
+from mmfuse.eval.qa import exact_match, normalize_answer
+from mmfuse.recipe import list_recipes, load_recipe
+
+
+def _write(path, records):
+    path.write_text(json.dumps(records))
+    return path
+
+
+def test_llava_json_with_several_media_anywhere(tmp_path):
+    path = _write(tmp_path / "d.json", [{
+        "id": "x1", "image": ["a.png", "b.png"], "audio": "c.wav",
+        "conversations": [{"from": "human", "value": "compare <image> and <image>, then hear <audio>"},
+                          {"from": "gpt", "value": "same"}],
+        "meta": {"kind": "compare"},
+    }])
+    (sample,) = load_samples(path)
+    assert sample.id == "x1" and [m.role for m in sample.messages] == ["user", "assistant"]
+    assert sample.media["image"] == [tmp_path / "a.png", tmp_path / "b.png"]
+    assert sample.media["audio"] == [tmp_path / "c.wav"] and sample.meta["kind"] == "compare"
+
+
+def test_jsonl_and_caption_pairs(tmp_path):
+    (tmp_path / "c.jsonl").write_text('{"id": "c1", "image": "a.png", "caption": "a red circle."}\n\n'
+                                      '{"audio": "s.wav", "caption": "a low tone."}\n')
+    first, second = load_samples(tmp_path / "c.jsonl")
+    assert first.messages[0].content.startswith("<image>") and first.messages[1].content == "a red circle."
+    assert second.id == "c.jsonl#1" and second.media == {"audio": [tmp_path / "s.wav"]}
+
+
+@pytest.mark.parametrize("record,pattern", [
+    ({"id": "r", "conversations": []}, r"sample 'r': field 'conversations' must be a non-empty list"),
+    ({"id": "r", "conversations": [{"from": "robot", "value": "x"}]}, r"conversations\[0\].from is 'robot'"),
+    ({"id": "r", "conversations": [{"from": "human", "value": 3}]}, r"conversations\[0\].value must be a string"),
+    ({"id": "r", "image": "a.png", "conversations": [{"from": "human", "value": "no marker"}]}, r"'image' lists 1 file"),
+    ({"id": "r", "image": 5, "conversations": [{"from": "human", "value": "<image>"}]}, r"field 'image' must be a path"),
+])
+def test_bad_records_name_sample_and_field(tmp_path, record, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        load_samples(_write(tmp_path / "bad.json", [record]))
+
+
+def test_bad_files(tmp_path):
+    (tmp_path / "broken.json").write_text("[{")
+    with pytest.raises(ValueError, match="invalid JSON"):
+        load_samples(tmp_path / "broken.json")
+    (tmp_path / "latin.json").write_bytes(b"\xff\xfe[]")
+    with pytest.raises(ValueError, match="not valid UTF-8"):
+        load_samples(tmp_path / "latin.json")
+    dup = [{"id": "d", "conversations": [{"from": "human", "value": "x"}]}] * 2
+    with pytest.raises(ValueError, match="sample id 'd' appears more than once"):
+        load_samples(_write(tmp_path / "dup.json", dup))
+
+
+def test_resolve_dataset(tmp_path):
+    (tmp_path / "image_qa_test.json").write_text("[]")
+    assert resolve_dataset(tmp_path, "image_qa", "test") == tmp_path / "image_qa_test.json"
+    with pytest.raises(FileNotFoundError, match=r"no dataset 'audio_qa' for split 'test'.*image_qa_test.json"):
+        resolve_dataset(tmp_path, "audio_qa", "test")
+
+
+def test_builtin_recipes_load_with_their_survey_type():
+    names = list_recipes()
+    assert {"llava", "llava-1.5", "blip2", "qwen-audio"} <= set(names)
+    llava = load_recipe("llava")
+    assert llava.survey_type == "C" and llava.model.connectors["image"].kind == "linear"
+    assert llava.model.encoders["image"].feature_layer == -2
+    assert [s.train for s in llava.train.stages] == [["connectors"], ["connectors", "llm"]]
+    assert load_recipe("llava-1.5").model.connectors["image"].kind == "mlp2x_gelu"
+    blip2 = load_recipe("blip2")
+    assert blip2.model.connectors["image"].num_queries == 32 and all("llm" not in s.train for s in blip2.train.stages)
+    audio = load_recipe("qwen-audio").model.connectors["audio"]
+    assert audio.pool_stride == 2 and audio.boundary_tokens
+
+
+def test_unknown_recipe_lists_the_builtins():
+    with pytest.raises(ValueError, match="unknown recipe 'nope'.*llava"):
+        load_recipe("nope")
+
+
+def test_answer_normalisation():
+    assert normalize_answer("The  Red, circle.") == "red circle"
+    assert exact_match("Top left.", "top left") and not exact_match("top", "top left")
