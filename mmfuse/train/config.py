@@ -1,0 +1,92 @@
+"""Training configs: a run is a list of stages (LLaVA's pretrain-then-finetune, and so on).
+
+A stage names the parameter groups it trains fully (``train``) and those it adapts with LoRA
+(``lora``); everything else is frozen. Group names are the keys of ``model.parameter_groups()``
+(``"llm"``, ``"encoders.image"``, ``"connectors.audio"``, ``"fusion"``); an entry also matches the
+groups below it, so ``"connectors"`` trains every connector.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from mmfuse.config import JsonConfig
+
+MIXED_PRECISION = ("no", "bf16", "fp16")
+LORA_GROUPS = ("llm",)
+
+
+@dataclass(kw_only=True)
+class StageConfig(JsonConfig):
+    """One training stage.
+
+    ``steps`` counts optimizer steps; one step sees ``batch_size * grad_accum`` samples per process.
+    ``warmup_ratio``: the first ``ceil(warmup_ratio * steps)`` steps warm the learning rate up
+    linearly from 0 (as in transformers' Trainer, the first of them runs at lr 0), then it follows
+    a cosine down to 0. ``max_grad_norm`` <= 0 turns clipping off. ``mixed_precision`` is
+    accelerate's: "bf16" works on CPU and GPU, "fp16" needs a GPU.
+    A LoRA stage merges its adapters into the base weights when it ends.
+    """
+
+    name: str
+    train: list[str] = field(default_factory=list)
+    lora: list[str] = field(default_factory=list)
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.0
+    lora_target_modules: list[str] | str = "all-linear"
+    data: list[str] = field(default_factory=list)
+    steps: int
+    lr: float
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.03
+    batch_size: int = 8
+    grad_accum: int = 1
+    max_grad_norm: float = 1.0
+    mixed_precision: str = "no"
+    gradient_checkpointing: bool = False
+
+    def __post_init__(self):
+        where = f"stage {self.name!r}"
+        if not self.train and not self.lora:
+            raise ValueError(f"{where}: nothing to train; list parameter groups in 'train' or 'lora'")
+        unsupported = sorted(set(self.lora) - set(LORA_GROUPS))
+        if unsupported:
+            raise ValueError(f"{where}: LoRA is supported on {list(LORA_GROUPS)} only, got {unsupported}")
+        both = sorted(set(self.train) & set(self.lora))
+        if both:
+            raise ValueError(f"{where}: {both} listed in both 'train' and 'lora'; pick one")
+        if not self.data:
+            raise ValueError(f"{where}: 'data' names no dataset")
+        if self.mixed_precision not in MIXED_PRECISION:
+            raise ValueError(f"{where}: mixed_precision must be one of {MIXED_PRECISION}, got {self.mixed_precision!r}")
+        for key in ("steps", "batch_size", "grad_accum", "lora_r"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"{where}: {key} must be >= 1, got {getattr(self, key)}")
+        if self.lr < 0:
+            raise ValueError(f"{where}: lr must be >= 0, got {self.lr}")
+        if not 0.0 <= self.warmup_ratio <= 1.0:
+            raise ValueError(f"{where}: warmup_ratio must be in [0, 1], got {self.warmup_ratio}")
+
+
+@dataclass(kw_only=True)
+class TrainConfig(JsonConfig):
+    """A run: stages in order, the seed, and how often to log and checkpoint (in optimizer steps,
+    counted over the whole run)."""
+
+    stages: list[StageConfig]
+    seed: int = 0
+    save_every: int = 50
+    log_every: int = 10
+    keep_checkpoints: int = 2
+    output_dir: str
+
+    def __post_init__(self):
+        if not self.stages:
+            raise ValueError("TrainConfig: 'stages' is empty")
+        names = [s.name for s in self.stages]
+        if len(set(names)) != len(names):
+            raise ValueError(f"TrainConfig: stage names must be unique, got {names}")
+        for key in ("save_every", "log_every", "keep_checkpoints"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"TrainConfig: {key} must be >= 1, got {getattr(self, key)}")

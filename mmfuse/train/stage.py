@@ -1,0 +1,47 @@
+"""Freezing: which parameters a stage trains."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from mmfuse.train.config import StageConfig
+from mmfuse.train.lora import add_lora, has_lora, lora_parameters
+
+
+def resolve_groups(model: nn.Module, entries: list[str]) -> list[str]:
+    """The ``model.parameter_groups()`` names that ``entries`` select: an entry names a group or a
+    prefix of groups (``"connectors"`` selects ``"connectors.image"``). Unknown entries raise."""
+    available = sorted(model.parameter_groups())
+    selected = []
+    for entry in entries:
+        matches = [g for g in available if g == entry or g.startswith(entry + ".")]
+        if not matches:
+            raise ValueError(f"no parameter group matches {entry!r}; the model has groups {available}")
+        selected += [g for g in matches if g not in selected]
+    return selected
+
+
+def group_parameters(model: nn.Module, entries: list[str]) -> list[tuple[str, nn.Parameter]]:
+    """(name, parameter) pairs of the groups ``entries`` select, in ``named_parameters()`` order."""
+    groups = model.parameter_groups()
+    wanted = {id(p) for g in resolve_groups(model, entries) for _, p in groups[g]}
+    return [(n, p) for n, p in model.named_parameters() if id(p) in wanted]
+
+
+def apply_stage(model: nn.Module, stage: StageConfig) -> list[nn.Parameter]:
+    """Freeze everything, then unfreeze the stage's ``train`` groups and inject (and unfreeze) its
+    LoRA adapters. Returns the trainable parameters in ``named_parameters()`` order."""
+    resolve_groups(model, stage.train + stage.lora)  # fail on unknown names before touching the model
+    if stage.lora:
+        if not has_lora(model.llm):
+            add_lora(model.llm, stage)
+    elif has_lora(model.llm):
+        raise ValueError(f"stage {stage.name!r}: the LLM still carries LoRA adapters; merge_lora(model.llm) first")
+    lora = lora_parameters(model) if stage.lora else []
+    trainable = {id(p) for _, p in group_parameters(model, stage.train) + lora}
+    for p in model.parameters():
+        p.requires_grad_(id(p) in trainable)
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError(f"stage {stage.name!r}: the selected groups hold no parameters")
+    return params

@@ -1,0 +1,339 @@
+"""The multi-stage trainer, on accelerate (single process, or unchanged under ``accelerate launch``).
+
+Per stage: freeze/unfreeze (and inject LoRA), AdamW over the trainable parameters, linear warm-up
+then cosine decay, gradient accumulation and clipping, accelerate's mixed precision. Data: the
+stage's datasets concatenated and shuffled per epoch by a generator seeded from (seed, stage, epoch);
+epochs repeat until the stage has made ``steps`` optimizer steps. ``batch_size`` is per process:
+global batch ``i`` of an epoch is ``perm[i*G:(i+1)*G]`` (``G = batch_size * processes``), cut into
+one slice per process; a last incomplete global batch is dropped.
+
+Resuming is exact: a checkpoint holds the weights every stage so far has changed, the optimizer,
+scheduler and RNG states, and the data position, so a resumed run ends bit-identical to one that
+never stopped (see :mod:`mmfuse.train.checkpoint`). Weights no stage has changed are not saved:
+build the model the same way (same pretrained or seeded weights) before resuming.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+from accelerate import Accelerator, PartialState
+from accelerate.state import AcceleratorState
+from accelerate.utils import GradientAccumulationPlugin, parse_flag_from_env, send_to_device, set_seed
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from torch import nn
+from torch.optim.lr_scheduler import LRScheduler
+from torch.utils.data import ConcatDataset, DataLoader, Dataset
+from transformers import get_cosine_schedule_with_warmup
+
+from mmfuse.train.checkpoint import (
+    STATE_FILE,
+    WEIGHTS_FILE,
+    finish_checkpoint,
+    latest_checkpoint,
+    list_checkpoints,
+    load_json,
+    load_optimizer,
+    load_rng,
+    load_weights,
+    save_json,
+    save_optimizer,
+    save_rng,
+    save_weights,
+    start_checkpoint,
+    temp_dir,
+)
+from mmfuse.train.config import StageConfig, TrainConfig
+from mmfuse.train.lora import lora_parameters, merge_lora
+from mmfuse.train.stage import apply_stage, group_parameters
+
+ExportFn = Callable[[nn.Module, Path], None]
+
+
+@dataclass
+class Position:
+    """Where a run is; saved as part of ``trainer_state.json``."""
+
+    stage_index: int = 0
+    stage_step: int = 0  # optimizer steps done in this stage
+    stage_done: bool = False  # the stage has ended (and its LoRA is merged)
+    global_step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0  # the next micro-batch of the epoch
+    samples_seen: int = 0
+    elapsed: float = 0.0
+
+
+def epoch_seed(seed: int, stage_index: int, epoch: int) -> int:
+    digest = hashlib.sha256(f"{seed}/{stage_index}/{epoch}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+def epoch_batches(size: int, batch_size: int, num_processes: int, rank: int, seed: int) -> list[list[int]]:
+    """This process's micro-batches (dataset indices) of one epoch, from the permutation ``seed`` draws."""
+    order = torch.randperm(size, generator=torch.Generator().manual_seed(seed)).tolist()
+    width = batch_size * num_processes
+    return [order[i * width + rank * batch_size : i * width + (rank + 1) * batch_size] for i in range(size // width)]
+
+
+def stage_accelerator(mixed_precision: str) -> Accelerator:
+    """An Accelerator for one stage. accelerate fixes mixed precision once per process; stages may
+    differ, so its state is reset when a stage asks for another one."""
+    current = AcceleratorState._shared_state.get("_mixed_precision")
+    if current is not None and current != mixed_precision:
+        AcceleratorState._reset_state()
+    # the trainer accumulates gradients itself (stage.grad_accum); a plugin, unlike the plain argument,
+    # also overrides accelerate's own setting from `accelerate launch`
+    no_accumulation = GradientAccumulationPlugin(num_steps=1)
+    accelerator = Accelerator(mixed_precision=mixed_precision, gradient_accumulation_plugin=no_accumulation)
+    if mixed_precision == "fp16" and accelerator.scaler is None:
+        raise ValueError(f"fp16 mixed precision needs a GPU (device is {accelerator.device}); use 'bf16' or 'no'")
+    return accelerator
+
+
+class Trainer:
+    """Trains ``model`` through ``config.stages``; see the module docstring.
+
+    ``datasets`` maps the names stages list in ``data`` to datasets whose items ``collate_fn`` turns
+    into the batch dict ``model(**batch)`` takes. ``export_fn(model, output_dir)`` writes the final
+    model (default: ``model.save_pretrained(output_dir)``). Metrics go to ``metrics_path``
+    (default ``output_dir/metrics.jsonl``), one JSON object per logged step.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        config: TrainConfig,
+        datasets: dict[str, Dataset],
+        collate_fn: Callable[[list[Any]], dict[str, Any]],
+        *,
+        progress: bool = True,
+        metrics_path: str | Path | None = None,
+        export_fn: ExportFn | None = None,
+    ):
+        missing = sorted({name for s in config.stages for name in s.data} - set(datasets))
+        if missing:
+            raise ValueError(f"stages use dataset(s) {missing} that were not given; given: {sorted(datasets)}")
+        if export_fn is None and not hasattr(model, "save_pretrained"):
+            raise TypeError(f"{type(model).__name__} has no save_pretrained(); pass export_fn")
+        self.model = model
+        self.config = config
+        self.datasets = datasets
+        self.collate_fn = collate_fn
+        self.progress = progress
+        self.output_dir = Path(config.output_dir)
+        self.checkpoint_dir = self.output_dir / "checkpoints"
+        self.metrics_path = Path(metrics_path) if metrics_path else self.output_dir / "metrics.jsonl"
+        self.export_fn = export_fn or (lambda m, path: m.save_pretrained(path))
+
+    def train(self, resume: bool = False) -> None:
+        """Run every stage, then export. ``resume``: continue from the newest complete checkpoint
+        (starting afresh when there is none)."""
+        state = _process_state()
+        checkpoint = latest_checkpoint(self.checkpoint_dir) if resume else None
+        if not resume and list_checkpoints(self.checkpoint_dir):
+            raise FileExistsError(f"{self.checkpoint_dir} holds checkpoints; pass resume=True or use a new output_dir")
+        if checkpoint is None:
+            position = Position()
+            set_seed(self.config.seed + state.process_index)
+        else:
+            position = self._read_position(checkpoint)
+            if position.stage_done:  # the next stage starts afresh from these weights and RNG states
+                load_weights(self.model, checkpoint / WEIGHTS_FILE)
+                load_rng(checkpoint, state.process_index)
+                checkpoint = None
+        if state.is_main_process:
+            self._trim_metrics(position.global_step)
+        self._clock = time.monotonic() - position.elapsed
+        first = position.stage_index + 1 if position.stage_done else position.stage_index
+        show = self.progress and state.is_main_process and Console().is_terminal
+        with _progress_bar(disable=not show) as bar:
+            total = sum(s.steps for s in self.config.stages)
+            task = bar.add_task("train", total=total, completed=position.global_step, loss=float("nan"))
+            for index in range(first, len(self.config.stages)):
+                advance = partial(bar.update, task, advance=1)
+                self._run_stage(index, position, checkpoint, advance)
+                checkpoint = None
+        if state.is_main_process:
+            self.export_fn(self.model, self.output_dir)
+        state.wait_for_everyone()
+
+    def _run_stage(self, index: int, pos: Position, checkpoint: Path | None, advance: Callable[..., None]) -> None:
+        """Run stage ``index`` from ``pos``; ``checkpoint``: a mid-stage checkpoint to continue from."""
+        stage = self.config.stages[index]
+        accelerator = stage_accelerator(stage.mixed_precision)
+        params = apply_stage(self.model, stage)
+        names = _names(self.model, params)
+        self._set_gradient_checkpointing(stage.gradient_checkpointing)
+        if checkpoint is not None:
+            load_weights(self.model, checkpoint / WEIGHTS_FILE)
+        model = accelerator.prepare(self.model)
+        optimizer = torch.optim.AdamW(params, lr=stage.lr, weight_decay=stage.weight_decay)
+        scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(stage.warmup_ratio * stage.steps), stage.steps)
+        optimizer = accelerator.prepare(optimizer)
+        if checkpoint is not None:
+            load_optimizer(checkpoint, optimizer, names)
+            scheduler.load_state_dict(load_json(checkpoint / "scheduler.json"))
+            if accelerator.scaler is not None:
+                accelerator.scaler.load_state_dict(load_json(checkpoint / "scaler.json"))
+            load_rng(checkpoint, accelerator.process_index)  # last: nothing above may draw from it
+        else:
+            pos.stage_index, pos.stage_step, pos.stage_done, pos.epoch, pos.batch_in_epoch = index, 0, False, 0, 0
+        batches = self._micro_batches(index, stage, accelerator, pos.epoch, pos.batch_in_epoch)
+        max_norm = stage.max_grad_norm if stage.max_grad_norm > 0 else math.inf
+        model.train()
+        while pos.stage_step < stage.steps:
+            losses = []
+            for micro in range(stage.grad_accum):
+                pos.epoch, pos.batch_in_epoch, batch = next(batches)
+                last = micro == stage.grad_accum - 1
+                with nullcontext() if last else accelerator.no_sync(model):
+                    loss = model(**send_to_device(batch, accelerator.device)).loss
+                    accelerator.backward(loss / stage.grad_accum)
+                losses.append(loss.detach().float())
+            grad_norm = accelerator.clip_grad_norm_(params, max_norm)
+            lr = scheduler.get_last_lr()[0]
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            pos.stage_step += 1
+            pos.global_step += 1
+            pos.samples_seen += stage.batch_size * stage.grad_accum * accelerator.num_processes
+            step_loss = torch.stack(losses).mean()
+            advance(description=stage.name, loss=step_loss.item())
+            if pos.global_step % self.config.log_every == 0 or pos.stage_step == stage.steps:
+                mean_loss = accelerator.reduce(step_loss, "mean").item()
+                self._log(accelerator, stage, pos, loss=mean_loss, lr=lr, grad_norm=float(grad_norm))
+            if pos.stage_step == stage.steps:
+                self.model = accelerator.unwrap_model(model, keep_fp32_wrapper=False)  # also drops the autocast
+                if stage.lora:
+                    merge_lora(self.model.llm)
+                pos.stage_done = True
+                self._save(accelerator, pos)
+            elif pos.global_step % self.config.save_every == 0:
+                self._save(accelerator, pos, optimizer, scheduler, names)
+
+    def _micro_batches(
+        self, index: int, stage: StageConfig, accelerator: Accelerator, epoch: int, start: int
+    ) -> Iterator[tuple[int, int, Any]]:
+        """Endless micro-batches from (epoch, start), each with the position right after it."""
+        dataset = ConcatDataset([self.datasets[name] for name in stage.data])
+        processes, rank = accelerator.num_processes, accelerator.process_index
+        width = stage.batch_size * processes
+        if len(dataset) < width:
+            raise ValueError(f"stage {stage.name!r}: {len(dataset)} samples, fewer than one global batch of {width}")
+        while True:
+            seed = epoch_seed(self.config.seed, index, epoch)
+            batches = epoch_batches(len(dataset), stage.batch_size, processes, rank, seed)[start:]
+            # its own generator, so that starting a loader draws nothing from the global RNG
+            loader = DataLoader(
+                dataset, batch_sampler=batches, collate_fn=self.collate_fn, num_workers=0, generator=torch.Generator()
+            )
+            for after, batch in enumerate(loader, start + 1):
+                yield epoch, after, batch
+            epoch, start = epoch + 1, 0
+
+    def _set_gradient_checkpointing(self, on: bool) -> None:
+        llm = self.model.llm
+        if on:
+            llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        elif llm.is_gradient_checkpointing:
+            llm.gradient_checkpointing_disable()
+
+    def _changed_parameters(self, pos: Position) -> list[tuple[str, nn.Parameter]]:
+        """Parameters that differ from the model as built: groups trained by the stages so far, LLM
+        weights a finished LoRA stage merged into, and LoRA adapters in progress."""
+        stages = self.config.stages
+        entries = [e for s in stages[: pos.stage_index] for e in s.train + s.lora]
+        current = stages[pos.stage_index]
+        entries += current.train + (current.lora if pos.stage_done else [])
+        return group_parameters(self.model, entries) + lora_parameters(self.model)
+
+    def _save(
+        self,
+        accelerator: Accelerator,
+        pos: Position,
+        optimizer: torch.optim.Optimizer | None = None,
+        scheduler: LRScheduler | None = None,
+        names: list[str] | None = None,
+    ) -> None:
+        """Write a checkpoint. A stage-end one is given no optimizer: the next stage starts a new one."""
+        pos.elapsed = time.monotonic() - self._clock
+        step = pos.global_step
+        if accelerator.is_main_process:
+            start_checkpoint(self.checkpoint_dir, step)
+        accelerator.wait_for_everyone()
+        tmp = temp_dir(self.checkpoint_dir, step)
+        save_rng(tmp, accelerator.process_index)
+        if accelerator.is_main_process:
+            changed = dict(self._changed_parameters(pos))  # a name may come from a group and from LoRA
+            save_weights(tmp / WEIGHTS_FILE, list(changed.items()))
+            if optimizer is not None:
+                save_optimizer(tmp, optimizer, names)
+                save_json(tmp / "scheduler.json", scheduler.state_dict())
+                if accelerator.scaler is not None:
+                    save_json(tmp / "scaler.json", accelerator.scaler.state_dict())
+            state = {
+                "position": asdict(pos),
+                "stage_name": self.config.stages[pos.stage_index].name,
+                "num_processes": accelerator.num_processes,
+                "config": self.config.to_dict(),
+            }
+            save_json(tmp / STATE_FILE, state)
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            finish_checkpoint(self.checkpoint_dir, step, self.config.keep_checkpoints)
+
+    def _read_position(self, checkpoint: Path) -> Position:
+        state = load_json(checkpoint / STATE_FILE)
+        saved = state["config"]
+        if saved["stages"] != self.config.to_dict()["stages"] or saved["seed"] != self.config.seed:
+            raise ValueError(f"{checkpoint} was written by a run with other stages or seed; resume with that config")
+        if state["num_processes"] != _process_state().num_processes:
+            raise ValueError(f"{checkpoint} was written by {state['num_processes']} process(es); resume with as many")
+        return Position(**state["position"])
+
+    def _log(self, accelerator: Accelerator, stage: StageConfig, pos: Position, **values: float) -> None:
+        if not accelerator.is_main_process:
+            return
+        record = {
+            "step": pos.global_step,
+            "stage": stage.name,
+            **values,
+            "samples_seen": pos.samples_seen,
+            "elapsed": round(time.monotonic() - self._clock, 3),
+        }
+        with self.metrics_path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def _trim_metrics(self, step: int) -> None:
+        """Drop metrics logged after ``step`` (by a run that died before its next checkpoint)."""
+        self.metrics_path.parent.mkdir(parents=True, exist_ok=True)
+        lines = self.metrics_path.read_text().splitlines() if self.metrics_path.exists() else []
+        kept = [line for line in lines if json.loads(line)["step"] <= step]
+        self.metrics_path.write_text("".join(line + "\n" for line in kept))
+
+
+def _process_state() -> PartialState:
+    # read the CPU flag as Accelerator does, or a first PartialState() misses multi-process CPU runs
+    return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+
+
+def _progress_bar(disable: bool) -> Progress:
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    return Progress(*columns, TextColumn("loss {task.fields[loss]:.4f}"), disable=disable)
+
+
+def _names(model: nn.Module, params: list[nn.Parameter]) -> list[str]:
+    name_of = {id(p): n for n, p in model.named_parameters()}
+    return [name_of[id(p)] for p in params]

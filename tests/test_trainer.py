@@ -1,0 +1,321 @@
+"""Trainer tests on a tiny stand-in multimodal model (a small Llama plus an image encoder/connector).
+
+Run as a script (``python tests/test_trainer.py OUT FORWARD_CALLS THREADS``), this file trains the
+staged config and SIGKILLs itself mid-step; see ``test_resume_after_sigkill``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from mmfuse.train import StageConfig, Trainer, TrainConfig, apply_stage, lora_parameters, merge_lora
+from mmfuse.train.checkpoint import list_checkpoints
+
+VOCAB, SEQ, PATCHES, FEAT = 32, 6, 2, 6
+
+
+class TinyMM(nn.Module):
+    """Satisfies the trainer's model contract: parameter_groups(), .llm, forward(**batch).loss."""
+
+    def __init__(self, seed: int = 0, dropout: float = 0.1):
+        super().__init__()
+        torch.manual_seed(seed)
+        config = LlamaConfig(
+            vocab_size=VOCAB,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            max_position_embeddings=32,
+        )
+        self.llm = LlamaForCausalLM(config)
+        self.encoders = nn.ModuleDict({"image": nn.Linear(FEAT, 8)})
+        self.connectors = nn.ModuleDict({"image": nn.Sequential(nn.Linear(8, 16), nn.Dropout(dropout))})
+
+    def parameter_groups(self) -> dict[str, list[tuple[str, nn.Parameter]]]:
+        groups: dict[str, list] = {}
+        for name, p in self.named_parameters():
+            parts = name.split(".")
+            groups.setdefault("llm" if parts[0] == "llm" else ".".join(parts[:2]), []).append((name, p))
+        return groups
+
+    def forward(self, input_ids, attention_mask, labels, media):
+        image = self.connectors["image"](self.encoders["image"](media["image"]))
+        embeds = torch.cat([image, self.llm.get_input_embeddings()(input_ids)], dim=1)
+        ones = torch.ones(image.shape[:2], dtype=attention_mask.dtype)
+        ignore = torch.full(image.shape[:2], -100, dtype=labels.dtype)
+        return self.llm(
+            inputs_embeds=embeds,
+            attention_mask=torch.cat([ones, attention_mask], dim=1),
+            labels=torch.cat([ignore, labels], dim=1),
+        )
+
+    def save_pretrained(self, directory) -> None:
+        save_file({n: p.detach().contiguous() for n, p in self.named_parameters()}, Path(directory) / "model.safetensors")
+
+
+def make_dataset(n: int, seed: int) -> list[dict[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, VOCAB, (n, SEQ), generator=g)
+    image = torch.randn(n, PATCHES, FEAT, generator=g)
+    return [{"input_ids": ids[i], "image": image[i]} for i in range(n)]
+
+
+def collate(items: list[dict[str, torch.Tensor]], dtype: torch.dtype = torch.float32) -> dict:
+    ids = torch.stack([it["input_ids"] for it in items])
+    return {
+        "input_ids": ids,
+        "attention_mask": torch.ones_like(ids),
+        "labels": ids.clone(),
+        "media": {"image": torch.stack([it["image"] for it in items]).to(dtype)},
+    }
+
+
+DATASETS = {"caps": make_dataset(20, 1), "chat": make_dataset(14, 2)}
+
+
+def staged_config(output_dir, **overrides) -> TrainConfig:
+    """Three stages: the connector (accum 2), then LoRA on the LLM plus the encoder, then the connector
+    again. Checkpoints land at steps 4 (inside stage 1), 6 (its end), 8 (inside the LoRA stage),
+    10 (its end, LoRA merged) and 12 (the end)."""
+    stages = [
+        StageConfig(
+            name="align", train=["connectors"], data=["caps"], steps=6, lr=1e-2, batch_size=3, grad_accum=2, warmup_ratio=0.2
+        ),
+        StageConfig(
+            name="tune", train=["encoders"], lora=["llm"], lora_dropout=0.1, data=["caps", "chat"], steps=4, lr=1e-2,
+            batch_size=4, weight_decay=0.1,
+        ),
+        StageConfig(name="polish", train=["connectors"], data=["chat"], steps=2, lr=1e-3, batch_size=4),
+    ]
+    return TrainConfig(stages=stages, output_dir=str(output_dir), save_every=4, log_every=1, **overrides)
+
+
+def trainer(model, config, collate_fn=collate) -> Trainer:
+    return Trainer(model, config, DATASETS, collate_fn, progress=False)
+
+
+def exported(output_dir) -> dict[str, torch.Tensor]:
+    return load_file(Path(output_dir) / "model.safetensors")
+
+
+def assert_identical(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not different, f"differ: {different}"
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """One uninterrupted run of the staged config that keeps every checkpoint."""
+    out = tmp_path_factory.mktemp("reference")
+    trainer(TinyMM(), staged_config(out, keep_checkpoints=10)).train()
+    return out
+
+
+def test_frozen_parameters_stay_bit_identical(tmp_path):
+    model = TinyMM()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    stage = StageConfig(name="s", train=["connectors"], data=["caps"], steps=1, lr=1e-2, batch_size=4, warmup_ratio=0.0)
+    trainer(model, TrainConfig(stages=[stage], output_dir=str(tmp_path))).train()
+    for name, p in model.named_parameters():
+        if name.startswith("connectors."):
+            assert not torch.equal(p, before[name]), name
+        else:
+            assert torch.equal(p, before[name]), name
+            assert not p.requires_grad
+
+
+def test_unknown_group_lists_available():
+    stage = StageConfig(name="s", train=["projector"], data=["caps"], steps=1, lr=1e-3)
+    with pytest.raises(ValueError, match=r"'projector'.*connectors\.image.*encoders\.image.*llm"):
+        apply_stage(TinyMM(), stage)
+
+
+def test_lora_only_on_llm():
+    with pytest.raises(ValueError, match="LoRA is supported on"):
+        StageConfig(name="s", lora=["encoders.image"], data=["caps"], steps=1, lr=1e-3)
+
+
+def test_lora_trains_only_adapters_and_merges_exactly():
+    model = TinyMM(dropout=0.0)
+    stage = StageConfig(name="s", lora=["llm"], data=["caps"], steps=1, lr=1e-2)
+    params = apply_stage(model, stage)
+    lora_ids = {id(p) for _, p in lora_parameters(model)}
+    assert lora_ids and {id(p) for p in params} == lora_ids
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    optimizer = torch.optim.AdamW(params, lr=1e-2)
+    batch = collate(DATASETS["caps"][:4])
+    for _ in range(2):
+        model(**batch).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    for name, p in model.named_parameters():
+        assert torch.equal(p, before[name]) != (id(p) in lora_ids), name
+    model.eval()
+    with torch.no_grad():
+        unmerged = model(**batch).logits
+        merge_lora(model.llm)
+        merged = model(**batch).logits
+    assert not any("lora_" in n or "base_layer" in n for n, _ in model.named_parameters())
+    assert type(model.llm) is LlamaForCausalLM and not hasattr(model.llm, "peft_config")
+    torch.testing.assert_close(merged, unmerged, rtol=1e-5, atol=1e-5)
+    model.llm.generate(input_ids=batch["input_ids"][:1], max_new_tokens=2, do_sample=False)
+
+
+def test_checkpoints_hold_no_pickle(reference):
+    checkpoints = list_checkpoints(reference / "checkpoints")
+    assert [p.name for p in checkpoints] == ["step-000004", "step-000006", "step-000008", "step-000010", "step-000012"]
+    for checkpoint in checkpoints:
+        for path in checkpoint.iterdir():
+            assert path.suffix in (".safetensors", ".json"), path
+            load_file(path) if path.suffix == ".safetensors" else json.loads(path.read_text())
+    mid_lora = checkpoints[2]
+    assert {p.name for p in mid_lora.iterdir()} == {
+        "trainer_state.json", "weights.safetensors", "optimizer.safetensors", "optimizer.json", "scheduler.json",
+        "rng-0.safetensors", "rng-0.json",
+    }
+    weights = load_file(mid_lora / "weights.safetensors")
+    assert {k.split(".")[0] for k in weights} == {"llm", "connectors", "encoders"}  # stage 1's, stage 2's, LoRA
+    assert all("lora_" in k for k in weights if k.startswith("llm."))
+    assert any(k.startswith("llm.") and "lora_" not in k for k in load_file(checkpoints[3] / "weights.safetensors"))
+    source = "".join(p.read_text() for p in Path(__file__).parents[1].joinpath("mmfuse", "train").glob("*.py"))
+    assert not any(word in source for word in ("import pickle", "torch.save(", "torch.load("))
+
+
+@pytest.mark.parametrize("resume_from", [4, 6, 8, 10])
+def test_resume_is_bit_identical(reference, tmp_path, resume_from):
+    """Resume inside stage 1, at its end, inside the LoRA stage, and after the LoRA stage merged."""
+    for checkpoint in list_checkpoints(reference / "checkpoints"):
+        if int(checkpoint.name.split("-")[1]) <= resume_from:
+            (tmp_path / "checkpoints" / checkpoint.name).mkdir(parents=True)
+            for f in checkpoint.iterdir():
+                (tmp_path / "checkpoints" / checkpoint.name / f.name).write_bytes(f.read_bytes())
+    (tmp_path / "metrics.jsonl").write_bytes((reference / "metrics.jsonl").read_bytes())
+    torch.manual_seed(12345)  # resuming must not depend on the process's RNG
+    trainer(TinyMM(), staged_config(tmp_path, keep_checkpoints=10)).train(resume=True)
+    assert_identical(exported(tmp_path), exported(reference))
+    metrics = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == list(range(1, 13))
+
+
+def test_resume_after_sigkill(reference, tmp_path):
+    """A run SIGKILLed mid-step inside the LoRA stage (after checkpoint 8) resumes to identical weights."""
+    proc = subprocess.run([sys.executable, __file__, str(tmp_path), "16", str(torch.get_num_threads())], timeout=120)
+    assert proc.returncode == -signal.SIGKILL
+    assert [p.name for p in list_checkpoints(tmp_path / "checkpoints")] == ["step-000006", "step-000008"]
+    trainer(TinyMM(), staged_config(tmp_path)).train(resume=True)
+    assert_identical(exported(tmp_path), exported(reference))
+
+
+def test_crash_while_saving_leaves_previous_checkpoint(reference, tmp_path, monkeypatch):
+    """A crash halfway through writing checkpoint 6 leaves only its temp dir; resume starts from 4."""
+    import mmfuse.train.trainer as trainer_module
+
+    def crash(path, params):
+        if path.parent.name == ".step-000006.tmp":
+            raise KeyboardInterrupt
+        save_weights(path, params)
+
+    save_weights = trainer_module.save_weights
+    monkeypatch.setattr(trainer_module, "save_weights", crash)
+    with pytest.raises(KeyboardInterrupt):
+        trainer(TinyMM(), staged_config(tmp_path)).train()
+    assert [p.name for p in list_checkpoints(tmp_path / "checkpoints")] == ["step-000004"]
+    assert (tmp_path / "checkpoints" / ".step-000006.tmp").is_dir()
+    monkeypatch.undo()
+    trainer(TinyMM(), staged_config(tmp_path)).train(resume=True)
+    assert_identical(exported(tmp_path), exported(reference))
+    assert not list((tmp_path / "checkpoints").glob(".*.tmp"))
+
+
+def test_lr_follows_warmup_cosine(reference):
+    metrics = [json.loads(line) for line in (reference / "metrics.jsonl").read_text().splitlines()]
+    lrs = [m["lr"] for m in metrics if m["stage"] == "align"]
+    warmup, steps = math.ceil(0.2 * 6), 6
+    expected = [1e-2 * (s / warmup if s < warmup else 0.5 * (1 + math.cos(math.pi * (s - warmup) / (steps - warmup)))) for s in range(steps)]
+    assert lrs == pytest.approx(expected, rel=1e-12, abs=1e-15)
+    assert [m["samples_seen"] for m in metrics][:2] == [6, 12]
+    assert all(math.isfinite(m["loss"]) and m["grad_norm"] > 0 for m in metrics[1:])
+
+
+def test_grad_accum_matches_bigger_batch(tmp_path):
+    def run(batch_size, grad_accum, out):
+        model = TinyMM(dropout=0.0).double()
+        stage = StageConfig(
+            name="s", train=["connectors", "llm"], data=["caps"], steps=3, lr=1e-3, batch_size=batch_size, grad_accum=grad_accum
+        )
+        config = TrainConfig(stages=[stage], output_dir=str(out), log_every=1)
+        trainer(model, config, lambda items: collate(items, torch.float64)).train()
+        return {n: p.detach() for n, p in model.named_parameters()}
+
+    accumulated, big = run(2, 2, tmp_path / "accum"), run(4, 1, tmp_path / "big")
+    for name in big:
+        torch.testing.assert_close(accumulated[name], big[name], rtol=0, atol=1e-6)
+    logged = [[json.loads(line) for line in (tmp_path / d / "metrics.jsonl").read_text().splitlines()] for d in ("accum", "big")]
+    for key in ("loss", "grad_norm", "samples_seen"):  # AdamW hides a wrongly scaled gradient; the norm does not
+        assert [m[key] for m in logged[0]] == pytest.approx([m[key] for m in logged[1]], rel=1e-6)
+
+
+def test_bf16_stage_runs_and_fp16_needs_gpu(tmp_path):
+    stage = StageConfig(name="s", train=["connectors"], data=["caps"], steps=2, lr=1e-3, batch_size=4, mixed_precision="bf16")
+    trainer(TinyMM(), TrainConfig(stages=[stage], output_dir=str(tmp_path / "bf16"))).train()
+    if not torch.cuda.is_available():
+        stage = StageConfig(name="s", train=["connectors"], data=["caps"], steps=1, lr=1e-3, mixed_precision="fp16")
+        with pytest.raises(ValueError, match="fp16 mixed precision needs a GPU"):
+            trainer(TinyMM(), TrainConfig(stages=[stage], output_dir=str(tmp_path / "fp16"))).train()
+
+
+def test_gradient_checkpointing_with_lora(tmp_path):
+    model = TinyMM()
+    llm_before = {n: p.detach().clone() for n, p in model.llm.named_parameters()}
+    stage = StageConfig(name="s", lora=["llm"], data=["caps"], steps=2, lr=1e-2, batch_size=4, gradient_checkpointing=True)
+    trainer(model, TrainConfig(stages=[stage], output_dir=str(tmp_path))).train()
+    assert model.llm.is_gradient_checkpointing
+    assert {n for n, _ in model.llm.named_parameters()} == set(llm_before)  # merged back into plain layers
+    assert any(not torch.equal(p, llm_before[n]) for n, p in model.llm.named_parameters())
+
+
+def test_refuses_to_overwrite_or_resume_a_different_run(reference):
+    with pytest.raises(FileExistsError, match="resume=True"):
+        trainer(TinyMM(), staged_config(reference)).train()
+    with pytest.raises(ValueError, match="other stages or seed"):
+        trainer(TinyMM(), staged_config(reference, seed=1)).train(resume=True)
+
+
+def test_config_round_trips(tmp_path):
+    config = staged_config(tmp_path)
+    config.save(tmp_path / "train.json")
+    assert TrainConfig.load(tmp_path / "train.json") == config
+
+
+def _train_and_die(out: str, forward_calls: str, threads: str) -> None:
+    """Train the staged config and SIGKILL this process at model forward number ``forward_calls``."""
+    torch.set_num_threads(int(threads))
+    calls, forward = [0], TinyMM.forward
+
+    def dying_forward(self, **batch):
+        calls[0] += 1
+        if calls[0] == int(forward_calls):
+            os.kill(os.getpid(), signal.SIGKILL)
+        return forward(self, **batch)
+
+    TinyMM.forward = dying_forward
+    trainer(TinyMM(), staged_config(out)).train()
+
+
+if __name__ == "__main__":
+    _train_and_die(*sys.argv[1:])
