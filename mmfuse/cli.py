@@ -74,12 +74,13 @@ def train(
     seed: Optional[int] = typer.Option(None, help="Override the recipe's seed."),
     steps_scale: float = typer.Option(1.0, help="Multiply every stage's steps (a quick run: 0.1)."),
     save_every: Optional[int] = typer.Option(None, help="Checkpoint every N optimizer steps."),
+    batch_size: Optional[int] = typer.Option(None, help="Override every stage's batch size."),
 ):
     """Train a recipe's stages on a dataset; kill it at any time and continue with --resume."""
     from .training import run_training
 
     start = time.time()
-    run_training(recipe, data, out, resume=resume, seed=seed, steps_scale=steps_scale, save_every=save_every)
+    run_training(recipe, data, out, resume=resume, seed=seed, steps_scale=steps_scale, save_every=save_every, batch_size=batch_size)
     console.print(f"trained {recipe} into {out} in {time.time() - start:.1f} s")
 
 

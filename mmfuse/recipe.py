@@ -7,7 +7,6 @@ A recipe holds ``name``, ``survey_type`` ("A".."D"), ``description``, ``model`` 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +29,7 @@ class Recipe:
 
 
 def _builtin_dir() -> Path:
-    return Path(str(resources.files("mmfuse") / "recipes"))
+    return Path(__file__).parent / "recipes"
 
 
 def list_recipes() -> list[str]:

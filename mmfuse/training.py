@@ -22,10 +22,15 @@ from .train import Trainer
 RUN_FILE = "run.json"
 
 
-def prepare_recipe(recipe: str | Path | Recipe, out: Path, *, seed=None, steps_scale=1.0, save_every=None) -> Recipe:
-    """The recipe with run-time overrides applied (output dir, seed, scaled steps)."""
+def prepare_recipe(
+    recipe: str | Path | Recipe, out: Path, *, seed=None, steps_scale=1.0, save_every=None, batch_size=None
+) -> Recipe:
+    """The recipe with run-time overrides applied (output dir, seed, scaled steps, batch size)."""
     recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
-    stages = [dataclasses.replace(s, steps=max(1, math.ceil(s.steps * steps_scale))) for s in recipe.train.stages]
+    stages = [
+        dataclasses.replace(s, steps=max(1, math.ceil(s.steps * steps_scale)), batch_size=batch_size or s.batch_size)
+        for s in recipe.train.stages
+    ]
     overrides = {"output_dir": str(out), "stages": stages}
     if seed is not None:
         overrides["seed"] = seed
@@ -43,11 +48,12 @@ def run_training(
     seed: int | None = None,
     steps_scale: float = 1.0,
     save_every: int | None = None,
+    batch_size: int | None = None,
     progress: bool = True,
 ) -> MultimodalLM:
     """Train ``recipe`` on ``data`` into ``out`` and return the trained model."""
     out = Path(out)
-    recipe = prepare_recipe(recipe, out, seed=seed, steps_scale=steps_scale, save_every=save_every)
+    recipe = prepare_recipe(recipe, out, seed=seed, steps_scale=steps_scale, save_every=save_every, batch_size=batch_size)
     out.mkdir(parents=True, exist_ok=True)
     run_info = {
         "recipe": recipe.name,
