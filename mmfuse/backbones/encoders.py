@@ -76,8 +76,11 @@ class MediaEncoder(nn.Module):
         return self._encode(x)
 
     def _encode(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.tower(**{self.input_name: x}, output_hidden_states=True)
-        hidden = out.hidden_states[self.feature_layer]
+        # transformers 5 towers that record outputs keep only the requested layer when given its index
+        request = self.feature_layer if getattr(self.tower, "_can_record_outputs", None) else True
+        hidden = self.tower(**{self.input_name: x}, output_hidden_states=request).hidden_states[self.feature_layer]
+        if hidden is None:
+            hidden = self.tower(**{self.input_name: x}, output_hidden_states=True).hidden_states[self.feature_layer]
         if self._should_drop_cls(hidden.shape[1]):
             hidden = hidden[:, 1:]
         return hidden

@@ -26,9 +26,9 @@ class EmbeddingFusion(FusionStrategy):
         """-> ``{"inputs_embeds": (B, L, d_llm)}`` with media vectors at placeholder positions."""
         text_ids = input_ids.clamp(min=0)
         embeds = llm.get_input_embeddings()(text_ids)
-        for modality, placeholder in PLACEHOLDER_IDS.items():
-            mask = input_ids == placeholder
-            n_positions = int(mask.sum())
+        masks = {m: input_ids == p for m, p in PLACEHOLDER_IDS.items()}
+        counts = torch.stack([mask.sum() for mask in masks.values()]).tolist()  # one device sync
+        for (modality, mask), n_positions in zip(masks.items(), counts):
             features = media.get(modality)
             n_features = 0 if features is None else features.shape[0] * features.shape[1]
             if n_positions != n_features:

@@ -1,0 +1,348 @@
+"""Shared measurement helpers for the mmfuse-vs-reference benchmarks.
+
+Every benchmark wraps each model it compares in a :class:`Contender`: the model, a batch builder
+and two thin adapters (``loss`` for a training step, ``generate`` for greedy decoding). The
+measurement functions take contenders and return plain dicts of figures, so a Type-A/B/D benchmark
+only has to write its adapters.
+
+Timing: contenders are measured in interleaved rounds whose order alternates (A B, B A, A B, ...),
+so slow machine drift (thermal, other processes) hits both sides equally. On CUDA every timed call
+is bracketed by ``torch.cuda.synchronize()``.
+
+Peak memory (MB above the memory in use just before the measured call):
+* CUDA: ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``, minus
+  ``memory_allocated`` at the start (allocator bytes; caching excluded).
+* CPU: the process's resident-set high-water mark. Before the call we ``gc.collect()``,
+  ``malloc_trim(0)`` (glibc returns freed heap pages to the OS so the baseline is the live set) and
+  reset the kernel's high-water mark by writing ``5`` to ``/proc/self/clear_refs``; afterwards the
+  figure is ``VmHWM - VmRSS(baseline)`` from ``/proc/self/status``. This is exact at page
+  granularity (no sampling), but counts pages the allocator touched, i.e. it is closer to CUDA's
+  "reserved" than "allocated". Where ``clear_refs`` is not writable a 0.5 ms psutil RSS sampling
+  thread is used instead (it can miss very short spikes); the method used is reported.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import json
+import os
+import platform
+import re
+import statistics
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+Batch = dict[str, Any]
+
+
+# -- environment ---------------------------------------------------------------------------------
+def pick_device(name: str | None = None) -> torch.device:
+    if name:
+        return torch.device(name)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def set_threads(n: int | None) -> int:
+    if n:
+        torch.set_num_threads(n)
+    return torch.get_num_threads()
+
+
+def machine_description(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} logical CPUs, torch threads={torch.get_num_threads()}"
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def train_tokenizer(directory: str | Path, chat_template: str | None = None):
+    """A tiny byte-level BPE tokenizer trained on the fly (no network); returns its directory."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<|pad|>", "<|begin_of_text|>", "<|end_of_text|>", "<|user|>", "<|assistant|>", "<|system|>", "<|end|>"]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    corpus = ["what colour is the circle? red.", "a small blue square at the top left.", "how many shapes? two."] * 20
+    tok.train_from_iterator(
+        corpus,
+        trainers.BpeTrainer(vocab_size=200, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()),
+    )
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<|begin_of_text|>", eos_token="<|end_of_text|>", pad_token="<|pad|>"
+    )
+    fast.chat_template = chat_template or (
+        "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}<|end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+    )
+    fast.save_pretrained(str(directory))
+    return Path(directory)
+
+
+# -- contenders ----------------------------------------------------------------------------------
+@dataclass
+class Contender:
+    """One model under test.
+
+    make_batch(batch_size, for_generation) -> the model's own batch (tensors on the device);
+    loss(model, batch) -> scalar training loss; generate(model, batch, new_tokens) -> ``(B, new)``
+    token ids (greedy, KV cache, exactly ``new_tokens`` of them).
+    """
+
+    name: str
+    model: nn.Module
+    make_batch: Callable[[int, bool], Batch]
+    loss: Callable[[nn.Module, Batch], torch.Tensor]
+    generate: Callable[[nn.Module, Batch, int], torch.Tensor]
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def parameter_count(self) -> dict[str, int]:
+        params = list(self.model.parameters())
+        return {"total": sum(p.numel() for p in params), "trainable": sum(p.numel() for p in params if p.requires_grad)}
+
+
+def summarize(seconds: list[float]) -> dict[str, Any]:
+    return {
+        "median_s": statistics.median(seconds),
+        "mean_s": statistics.fmean(seconds),
+        "min_s": min(seconds),
+        "stdev_s": statistics.stdev(seconds) if len(seconds) > 1 else 0.0,
+        "n": len(seconds),
+        "samples_s": seconds,
+    }
+
+
+def interleaved(
+    calls: dict[str, Callable[[], Any]], rounds: int, warmup: int, device: torch.device
+) -> dict[str, dict[str, list[float]]]:
+    """Time each callable ``rounds`` times, alternating the order every round (A B, B A, ...);
+    ``warmup`` untimed rounds first. Returns name -> {"wall": [s, ...], "cpu": [s, ...]}, where
+    ``cpu`` is the process CPU time (all threads) of the call: less sensitive than wall time to
+    other processes competing for the cores, but it includes OpenMP spin-waiting."""
+    names = list(calls)
+    for _ in range(warmup):
+        for name in names:
+            calls[name]()
+    sync(device)
+    times: dict[str, dict[str, list[float]]] = {name: {"wall": [], "cpu": []} for name in names}
+    for r in range(rounds):
+        for name in names if r % 2 == 0 else reversed(names):
+            sync(device)
+            cpu, wall = time.process_time(), time.perf_counter()
+            calls[name]()
+            sync(device)
+            times[name]["wall"].append(time.perf_counter() - wall)
+            times[name]["cpu"].append(time.process_time() - cpu)
+    return times
+
+
+def paired_ratio(ours: list[float], ref: list[float]) -> float:
+    """Median over rounds of ours[i] / ref[i]: the two were measured back to back, so slow drift
+    of the machine cancels within each pair."""
+    return statistics.median(a / b for a, b in zip(ours, ref))
+
+
+# -- memory --------------------------------------------------------------------------------------
+def _status_kb(key: str) -> int:
+    match = re.search(rf"^{key}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.M)
+    if match is None:
+        raise OSError(f"no {key} in /proc/self/status")
+    return int(match.group(1))
+
+
+def _malloc_trim() -> None:
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _can_reset_hwm() -> bool:
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        _status_kb("VmHWM")
+        return True
+    except OSError:
+        return False
+
+
+def cpu_memory_method() -> str:
+    return "VmHWM-reset" if _can_reset_hwm() else "psutil-sampling"
+
+
+def peak_memory_mb(fn: Callable[[], Any], device: torch.device, repeats: int = 1) -> tuple[float, str]:
+    """Peak memory (MB) ``fn()`` uses above what was in use when it started, and the method; with
+    ``repeats`` > 1 the smallest of that many measurements (the allocator's state adds noise on CPU)."""
+    results = [_peak_memory_once(fn, device) for _ in range(max(repeats, 1))]
+    return min(r[0] for r in results), results[0][1]
+
+
+def _peak_memory_once(fn: Callable[[], Any], device: torch.device) -> tuple[float, str]:
+    gc.collect()
+    if device.type == "cuda":
+        sync(device)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        fn()
+        sync(device)
+        return (torch.cuda.max_memory_allocated(device) - base) / 2**20, "cuda-max-allocated"
+    _malloc_trim()
+    if _can_reset_hwm():
+        base = _status_kb("VmRSS")
+        Path("/proc/self/clear_refs").write_text("5")
+        fn()
+        return max(_status_kb("VmHWM") - base, 0) / 1024, "VmHWM-reset"
+    import psutil
+
+    proc = psutil.Process()
+    base = proc.memory_info().rss
+    peak = [base]
+    done = threading.Event()
+
+    def sample():
+        while not done.is_set():
+            peak[0] = max(peak[0], proc.memory_info().rss)
+            time.sleep(0.0005)
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    try:
+        fn()
+    finally:
+        done.set()
+        thread.join()
+    peak[0] = max(peak[0], proc.memory_info().rss)
+    return (peak[0] - base) / 2**20, "psutil-sampling"
+
+
+# -- the measurements ----------------------------------------------------------------------------
+def make_train_step(c: Contender, batch: Batch, lr: float = 1e-4) -> Callable[[], float]:
+    """forward + backward + AdamW step over the contender's trainable parameters."""
+    opt = torch.optim.AdamW(c.trainable_parameters(), lr=lr)
+
+    def step() -> float:
+        loss = c.loss(c.model, batch)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    return step
+
+
+def measure_training(
+    contenders: list[Contender], device: torch.device, *, batch_size: int, steps: int, warmup: int = 3, lr: float = 1e-4
+) -> dict[str, dict[str, Any]]:
+    """Train-step time (interleaved) and peak memory of one step, per contender.
+
+    The models are trained in place (their weights change); run generation checks before this.
+    """
+    for c in contenders:
+        c.model.train()
+    steps_fns = {c.name: make_train_step(c, c.make_batch(batch_size, False), lr) for c in contenders}
+    times = interleaved(steps_fns, steps, warmup, device)
+    out = {}
+    for c in contenders:
+        mem, method = peak_memory_mb(steps_fns[c.name], device, repeats=2)
+        out[c.name] = {
+            "step": summarize(times[c.name]["wall"]),
+            "step_cpu": summarize(times[c.name]["cpu"]),
+            "samples_per_s": batch_size / statistics.median(times[c.name]["wall"]),
+            "peak_memory_mb": mem,
+            "memory_method": method,
+        }
+    return out
+
+
+def measure_generation(
+    contenders: list[Contender],
+    device: torch.device,
+    *,
+    batch_size: int,
+    new_tokens: int,
+    repeats: int,
+    warmup: int = 1,
+) -> dict[str, dict[str, Any]]:
+    """Greedy decoding of exactly ``new_tokens`` tokens, and time to first token (a generate call
+    with one new token: media encoding + prefill + first token), interleaved; peak memory of the
+    full generate call."""
+    for c in contenders:
+        c.model.eval()
+    batches = {c.name: c.make_batch(batch_size, True) for c in contenders}
+    with torch.inference_mode():
+        full = {c.name: (lambda c=c: c.generate(c.model, batches[c.name], new_tokens)) for c in contenders}
+        first = {c.name: (lambda c=c: c.generate(c.model, batches[c.name], 1)) for c in contenders}
+        tokens = {name: fn() for name, fn in full.items()}
+        for name, toks in tokens.items():
+            if toks.shape != (batch_size, new_tokens):
+                raise RuntimeError(f"{name}: generated shape {tuple(toks.shape)}, expected {(batch_size, new_tokens)}")
+        t_full = interleaved(full, repeats, warmup, device)
+        t_first = interleaved(first, repeats, warmup, device)
+        out = {}
+        for c in contenders:
+            mem, method = peak_memory_mb(full[c.name], device, repeats=3)
+            gen, ttft = statistics.median(t_full[c.name]["wall"]), statistics.median(t_first[c.name]["wall"])
+            out[c.name] = {
+                "generate": summarize(t_full[c.name]["wall"]),
+                "generate_cpu": summarize(t_full[c.name]["cpu"]),
+                "ttft": summarize(t_first[c.name]["wall"]),
+                "ttft_cpu": summarize(t_first[c.name]["cpu"]),
+                "tokens_per_s": batch_size * new_tokens / gen,
+                # steady-state decoding only: tokens 2..N over the time after the first token
+                "decode_only_tokens_per_s": batch_size * (new_tokens - 1) / max(gen - ttft, 1e-9),
+                "peak_memory_mb": mem,
+                "memory_method": method,
+                "tokens": tokens[c.name].tolist(),
+            }
+    return out
+
+
+def ratio(ours: float, ref: float) -> float:
+    return ours / ref if ref else float("nan")
+
+
+def write_json(path: str | Path, payload: dict[str, Any]) -> None:
+    Path(path).write_text(json.dumps(payload, indent=2, default=str) + "\n")
+
+
+def print_table(title: str, columns: list[str], rows: list[list[str]]) -> None:
+    """A rich table when rich is installed, plain text otherwise."""
+    try:
+        from rich.console import Console
+        from rich.table import Table
+    except ImportError:
+        widths = [max(len(str(r[i])) for r in [columns, *rows]) for i in range(len(columns))]
+        print(f"\n{title}")
+        for r in [columns, ["-" * w for w in widths], *rows]:
+            print("  ".join(str(v).ljust(w) if i == 0 else str(v).rjust(w) for i, (v, w) in enumerate(zip(r, widths))))
+        return
+    table = Table(title=title)
+    for i, col in enumerate(columns):
+        table.add_column(col, justify="left" if i == 0 else "right")
+    for r in rows:
+        table.add_row(*map(str, r))
+    Console(width=max(100, sum(len(c) for c in columns) + 20)).print(table)
