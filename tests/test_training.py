@@ -1,0 +1,56 @@
+"""Training the real MultimodalLM: frozen groups do not move, LoRA merges into a plain checkpoint."""
+
+from __future__ import annotations
+
+import torch
+from conftest import tiny_config
+
+from mmfuse.data.dataset import ProcessedDataset
+from mmfuse.data.schema import Message, Sample
+from mmfuse.model import MultimodalLM
+from mmfuse.train import StageConfig, Trainer, TrainConfig
+
+
+def _samples(media_dir, n=8):
+    return [Sample(f"s{i}", [Message("user", "<image>\nwhat colour? <audio>"), Message("assistant", ["red", "blue"][i % 2])],
+                   {"image": [media_dir / ("a.png" if i % 2 else "b.png")], "audio": [media_dir / "a.wav"]}) for i in range(n)]
+
+
+def _snapshot(model, group):
+    return {n: p.detach().clone() for n, p in model.parameter_groups()[group]}
+
+
+def test_frozen_parameters_are_bit_identical_after_training(tokenizer_dir, media_dir, tmp_path):
+    model = MultimodalLM.from_config(tiny_config(tokenizer_dir, audio="linear"))
+    before = {g: _snapshot(model, g) for g in model.parameter_groups()}
+    stage = StageConfig(name="align", train=["connectors.image"], data=["d"], steps=3, lr=1e-2, batch_size=4, warmup_ratio=0)
+    trainer = Trainer(model, TrainConfig(stages=[stage], output_dir=str(tmp_path)), {"d": ProcessedDataset(_samples(media_dir), model.processor)},
+                      model.collator(), progress=False)
+    trainer.train()
+    for group, params in before.items():
+        moved = [not torch.equal(p, dict(model.named_parameters())[n]) for n, p in params.items()]
+        if group == "connectors.image":
+            assert all(moved), group
+        else:
+            assert not any(moved), f"{group} changed although frozen"
+    reloaded = MultimodalLM.from_pretrained(tmp_path)
+    for name, param in model.state_dict().items():
+        assert torch.equal(param, reloaded.state_dict()[name]), name
+
+
+def test_lora_stage_exports_a_plain_model(tokenizer_dir, media_dir, tmp_path):
+    model = MultimodalLM.from_config(tiny_config(tokenizer_dir, "qwen2", audio="linear"))
+    base = _snapshot(model, "llm")
+    stage = StageConfig(name="lora", train=["connectors"], lora=["llm"], data=["d"], steps=3, lr=1e-2, batch_size=4,
+                        lora_target_modules=["q_proj", "v_proj"])
+    Trainer(model, TrainConfig(stages=[stage], output_dir=str(tmp_path)), {"d": ProcessedDataset(_samples(media_dir), model.processor)},
+            model.collator(), progress=False).train()
+    assert not any("lora" in n for n, _ in model.named_parameters())
+    after = _snapshot(model, "llm")
+    assert after.keys() == base.keys()
+    changed = {n for n in base if not torch.equal(base[n], after[n])}
+    assert changed and all(("q_proj" in n or "v_proj" in n) for n in changed)
+    reloaded = MultimodalLM.from_pretrained(tmp_path)
+    batch = model.collator()([model.processor(s) for s in _samples(media_dir, 2)])
+    with torch.no_grad():
+        assert torch.equal(model.eval()(**batch).logits, reloaded(**batch).logits)
