@@ -85,7 +85,7 @@ def test_allowed_restricts_training_and_reports_unrestricted_accuracy(tmp_path, 
     assert "all_events_kind_accuracy" in metrics and "all_events_pitch_accuracy" in metrics
 
 
-@pytest.mark.slow
+@pytest.mark.full
 def test_default_pretraining_reaches_target_accuracy(tmp_path):
     out = world_audio.pretrain_audio_encoder(tmp_path / "audio")
     metrics = json.loads((out / "pretrain_metrics.json").read_text())

@@ -121,7 +121,7 @@ def test_rejects_bad_arguments(tmp_path):
         world_vision.pretrain_vision_encoder(tmp_path, steps=0)
 
 
-@pytest.mark.slow
+@pytest.mark.full
 def test_default_pretraining_reaches_target_accuracy(tmp_path):
     out = world_vision.pretrain_vision_encoder(tmp_path / "vit")
     metrics = json.loads((out / "pretrain_metrics.json").read_text())
