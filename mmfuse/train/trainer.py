@@ -15,6 +15,7 @@ build the model the same way (same pretrained or seeded weights) before resuming
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -245,10 +246,17 @@ class Trainer:
 
     def _set_gradient_checkpointing(self, on: bool) -> None:
         llm = self.model.llm
+        kwargs = {"use_reentrant": False}
+        if hasattr(llm, "activation_checkpointing_enable"):  # transformers renamed gradient_* to activation_*
+            enable, disable = llm.activation_checkpointing_enable, llm.activation_checkpointing_disable
+            enable = functools.partial(enable, activation_checkpointing_kwargs=kwargs)
+        else:
+            disable = llm.gradient_checkpointing_disable
+            enable = functools.partial(llm.gradient_checkpointing_enable, gradient_checkpointing_kwargs=kwargs)
         if on:
-            llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        elif llm.is_gradient_checkpointing:
-            llm.gradient_checkpointing_disable()
+            enable()
+        else:
+            disable()
 
     def _changed_parameters(self, pos: Position) -> list[tuple[str, nn.Parameter]]:
         """Parameters that differ from the model as built: groups trained by the stages so far, LLM
