@@ -1,0 +1,121 @@
+"""The built-in world's pretrained backbones, built on first use and cached.
+
+``world:llm``, ``world:vision`` and ``world:audio`` name a small Llama, ViT and Whisper encoder trained
+from scratch on the synthetic world (seeded, no download). :func:`resolve` maps such a name to its
+cached directory under :func:`cache_dir`, building it the first time; any other name is returned
+unchanged. A build is written to a temporary directory and renamed into place, so an interrupted
+build never leaves a half backbone behind. The vision and audio encoders see only non-held-out
+attribute combinations (:mod:`mmfuse.data.synth.heldout`).
+
+Environment variables:
+
+* ``MMFUSE_CACHE``: cache root (default ``~/.cache/mmfuse``); backbones live in ``<root>/world/v<N>/``.
+* ``MMFUSE_WORLD_STEPS_SCALE``: multiplies every builder's default training steps (e.g. ``0.02``
+  for fast tests). A scale other than 1 builds into its own directory (``llm-steps0.02``), so a
+  quick, weak backbone never shadows the full one.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+from ..data.synth.heldout import event_allowed, shape_allowed
+from .world_audio import pretrain_audio_encoder
+from .world_llm import pretrain_llm
+from .world_vision import pretrain_vision_encoder
+
+PREFIX = "world:"
+SEED = 0
+WORLD_VERSION = 1  # bump when the world or a builder changes, so stale caches are not reused
+WORLD_BACKBONES = {
+    "llm": pretrain_llm,
+    "vision": functools.partial(pretrain_vision_encoder, allowed=shape_allowed),
+    "audio": functools.partial(pretrain_audio_encoder, allowed=event_allowed),
+}
+
+
+def cache_dir() -> Path:
+    """``$MMFUSE_CACHE`` or ``~/.cache/mmfuse``."""
+    return Path(os.environ.get("MMFUSE_CACHE", "~/.cache/mmfuse")).expanduser()
+
+
+def steps_scale() -> float:
+    """``$MMFUSE_WORLD_STEPS_SCALE`` (default 1.0)."""
+    raw = os.environ.get("MMFUSE_WORLD_STEPS_SCALE", "1")
+    try:
+        scale = float(raw)
+    except ValueError:
+        raise ValueError(f"MMFUSE_WORLD_STEPS_SCALE must be a positive number, got {raw!r}") from None
+    if not scale > 0:
+        raise ValueError(f"MMFUSE_WORLD_STEPS_SCALE must be a positive number, got {raw!r}")
+    return scale
+
+
+def _builder(name: str):
+    if name not in WORLD_BACKBONES:
+        raise ValueError(f"unknown world backbone {PREFIX}{name}; expected one of {[PREFIX + n for n in WORLD_BACKBONES]}")
+    return WORLD_BACKBONES[name]
+
+
+def backbone_dir(name: str) -> Path:
+    """Where ``world:<name>`` is (or will be) cached under the current steps scale."""
+    _builder(name)
+    scale = steps_scale()
+    leaf = name if scale == 1 else f"{name}-steps{scale:g}"
+    return cache_dir() / "world" / f"v{WORLD_VERSION}" / leaf
+
+
+def _steps(name: str) -> int:
+    default = inspect.signature(_builder(name)).parameters["steps"].default
+    return max(1, round(default * steps_scale()))
+
+
+def build(name: str, force: bool = False) -> Path:
+    """Return ``world:<name>``'s cached directory, building it (again, with ``force``) when needed."""
+    builder, target = _builder(name), backbone_dir(name)
+    if target.is_dir() and not force:
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        with Progress(
+            TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+            TimeElapsedColumn(), console=Console(stderr=True),
+        ) as bar:
+            task = bar.add_task(f"{PREFIX}{name}", total=None)
+
+            def progress(step: int, steps: int, metrics: dict) -> None:
+                shown = "  ".join(f"{k} {v:.4g}" for k, v in metrics.items())
+                bar.update(task, completed=step, total=steps, description=f"{PREFIX}{name}  {shown}")
+
+            builder(tmp, seed=SEED, steps=_steps(name), progress=progress)
+        if target.is_dir():
+            if not force:  # another process finished first; keep its build
+                return target
+            old = Path(tempfile.mkdtemp(prefix=f".{target.name}-old-", dir=target.parent))
+            os.replace(target, old / "backbone")
+            shutil.rmtree(old, ignore_errors=True)
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def build_all(force: bool = False) -> dict[str, Path]:
+    """Build (or find) every world backbone; returns name -> directory."""
+    return {name: build(name, force=force) for name in WORLD_BACKBONES}
+
+
+def resolve(name_or_path: str) -> str:
+    """``"world:<name>"`` -> its cached directory (built on first use); anything else unchanged."""
+    if not name_or_path.startswith(PREFIX):
+        return name_or_path
+    return str(build(name_or_path[len(PREFIX):]))
