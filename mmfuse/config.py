@@ -110,7 +110,7 @@ class ConnectorConfig(JsonConfig):
     kind: ``linear`` (LLaVA), ``mlp<k>x_gelu`` (LLaVA-1.5 uses mlp2x_gelu), ``qformer`` (BLIP-2 style
     learned queries), ``identity``. ``pool_stride`` > 1 average-pools the features in time/sequence
     before projecting (Qwen-Audio uses 2). ``boundary_tokens`` adds learned begin/end vectors around
-    each item (Qwen-Audio's audio BOS/EOS).
+    each item (Qwen-Audio's audio BOS/EOS). ``input_norm`` layer-normalises the encoder features first.
     """
 
     kind: str = "linear"
@@ -121,6 +121,7 @@ class ConnectorConfig(JsonConfig):
     hidden_size: int | None = None  # qformer width; defaults to the encoder width
     cross_attention_every: int = 2  # qformer: cross-attention in every n-th block (BLIP-2: 2)
     boundary_tokens: bool = False
+    input_norm: bool = False
 
 
 @dataclass

@@ -142,3 +142,11 @@ def test_pooling_averages_neighbours():
     connector = Connector(ConnectorConfig(kind="identity", pool_stride=2), encoder_dim=3, llm_dim=3)
     x = torch.arange(12.0).reshape(1, 4, 3)
     assert torch.equal(connector(x), torch.stack([(x[0, 0] + x[0, 1]) / 2, (x[0, 2] + x[0, 3]) / 2])[None])
+
+
+def test_input_norm_makes_the_connector_scale_invariant():
+    plain = Connector(ConnectorConfig(kind="linear"), encoder_dim=6, llm_dim=4)
+    normed = Connector(ConnectorConfig(kind="linear", input_norm=True), encoder_dim=6, llm_dim=4)
+    x = torch.randn(2, 3, 6)
+    assert torch.allclose(normed(10 * x), normed(x), atol=1e-3)
+    assert not torch.allclose(plain(10 * x), plain(x), atol=1e-4)

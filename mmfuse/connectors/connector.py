@@ -23,6 +23,7 @@ class Connector(nn.Module):
         if cfg.pool_stride < 1:
             raise ValueError(f"connector pool_stride must be >= 1, got {cfg.pool_stride}")
         self.pool_stride = cfg.pool_stride
+        self.input_norm = nn.LayerNorm(encoder_dim) if cfg.input_norm else None
         if cfg.kind == "qformer":
             self.core = QFormerResampler(
                 encoder_dim,
@@ -38,6 +39,8 @@ class Connector(nn.Module):
         self.boundary = nn.Parameter(torch.randn(2, llm_dim) * 0.02) if cfg.boundary_tokens else None
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
+        if self.input_norm is not None:
+            features = self.input_norm(features)
         if self.pool_stride > 1:
             if features.shape[1] < self.pool_stride:
                 raise ValueError(f"connector: {features.shape[1]} tokens is fewer than pool_stride {self.pool_stride}")
