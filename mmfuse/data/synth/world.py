@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ...config import JsonConfig
+from ..formats import CAPTION_PROMPT
 from ..schema import MARKERS
 from . import digits, documents, heldout, scenes, sounds, text, video
 
@@ -27,7 +28,6 @@ TASKS = (
     "image_caption", "image_qa", "audio_caption", "audio_qa", "video_caption", "video_qa",
     "interleaved", "digits_qa", "digits_caption", "image_audio_qa", "text",
 )
-CAPTION_PROMPTS = {"image": "Describe the image.", "audio": "Describe the sound.", "video": "Describe the video."}
 VIDEO_FRAMES = 8
 DIGITS_TOTAL = 1797
 
@@ -212,7 +212,7 @@ class _Writer:
         def meta(task: str, item: _Item, kind: str) -> dict[str, Any]:
             return {"task": task, "split": split, "kind": kind, "captions": {modality: [item.caption]}}
 
-        prompt = _markers(modality) + CAPTION_PROMPTS[modality]
+        prompt = _markers(modality) + CAPTION_PROMPT[modality]
         self.write_task(f"{prefix}_caption", split, [
             _record(it.id, {modality: [it.file]}, prompt, it.caption, meta(f"{prefix}_caption", it, "caption"))
             for it in items
