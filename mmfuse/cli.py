@@ -1,4 +1,4 @@
-"""The ``mmfuse`` command line: data, backbones, train, eval, generate, recipes, info."""
+"""The ``mmfuse`` command line: compare, data, backbones, train, eval, generate, recipes, info."""
 
 from __future__ import annotations
 
@@ -54,6 +54,40 @@ def backbones_build(force: bool = typer.Option(False, help="Rebuild even when ca
 
 
 @app.command()
+def compare(
+    out: Path = typer.Option(..., help="Directory for report.json, report.md, the plots and each recipe's run."),
+    recipes: Optional[list[str]] = typer.Option(None, "--recipes", help="Recipe names or YAML files (repeat); default: one per fusion type plus the Type-C connector variants."),
+    data: Optional[Path] = typer.Option(None, help="World directory; default: synthesize one into OUT/data."),
+    budget: Optional[int] = typer.Option(None, help="Training samples per recipe (the same for all)."),
+    seed: int = typer.Option(0),
+    quick: bool = typer.Option(False, help="Small world and budget: about 3 minutes on a 2-core CPU."),
+):
+    """Train recipes on the same backbones, data and budget; write the survey's comparison, measured."""
+    from .compare import DEFAULT_RECIPES, CompareSettings, compare as run_compare
+    from .data.synth.world import WorldSizes, write_world
+    from .report import write_markdown, write_plots
+
+    start = time.time()
+    settings = CompareSettings.quick(seed) if quick else CompareSettings(seed=seed)
+    if budget is not None:
+        settings.budget = budget
+    if data is None:
+        data = out / "data"
+        if not (data / "world.json").is_file():
+            console.print(f"writing the {'small ' if quick else ''}world into {data}")
+            write_world(data, seed=seed, sizes=WorldSizes.small() if quick else None)
+    records = run_compare(list(recipes or DEFAULT_RECIPES), data, out, settings, log=console.print)
+    report = json.loads((out / "report.json").read_text())
+    text = write_markdown(report, out / "report.md")
+    write_plots(report, out)
+    typer.echo(text)
+    failed = [r["recipe"] for r in records if "error" in r]
+    console.print(f"wrote {out}/report.json, report.md and plots in {time.time() - start:.0f} s" + (f"; failed: {failed}" if failed else ""))
+    if failed:
+        raise typer.Exit(1)
+
+
+@app.command()
 def recipes():
     """List the built-in recipes with their survey type."""
     from .recipe import list_recipes, load_recipe
@@ -86,21 +120,31 @@ def train(
 
 @app.command("eval")
 def evaluate(
-    run: Path = typer.Argument(..., help="A trained model directory (`mmfuse train --out`)."),
+    run: Path = typer.Argument(..., help="A trained model directory (`mmfuse train --out`), or any HF causal LM (text-only)."),
     data: Path = typer.Option(..., help="Dataset directory."),
     split: str = typer.Option("test", help="train | val | test | heldout"),
-    task: Optional[list[str]] = typer.Option(None, help="Dataset task(s) to score; default: the recipe's eval data."),
+    task: Optional[list[str]] = typer.Option(None, help="Dataset task(s) to score (image_qa, image_caption, ...); default: the recipe's eval data."),
     limit: Optional[int] = typer.Option(None, help="Score only the first N samples of each task."),
     batch_size: int = typer.Option(32),
+    shots: int = typer.Option(0, help="Few-shot: solved train examples put before each question."),
+    shot_selection: str = typer.Option("random", help="random | retrieval (nearest neighbours of the media)"),
+    choices: bool = typer.Option(False, help="QA: also rank the answers of each kind by likelihood."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the results as JSON."),
 ):
-    """Accuracy per question kind on a split."""
+    """Accuracy per question kind (QA tasks) or CIDEr-D / BLEU-4 (caption tasks) on a split."""
     from .training import run_eval
 
-    results = run_eval(run, data, split, tasks=task, limit=limit, batch_size=batch_size, console=console)
+    results = run_eval(
+        run, data, split, tasks=task, limit=limit, batch_size=batch_size, shots=shots, shot_selection=shot_selection,
+        choices=choices, console=console,
+    )
     out = Console()
     for name, result in results.items():
-        table = Table("kind", "accuracy", "count", title=f"{name} ({split}) - overall {result['accuracy']:.1%} of {result['count']}")
+        if "by_kind" not in result:
+            out.print(f"{name} ({split}): CIDEr-D {result['cider_d']:.3f}, BLEU-4 {result['bleu4']:.3f} over {result['count']}")
+            continue
+        extra = f", choice accuracy {result['choice_accuracy']:.1%}" if "choice_accuracy" in result else ""
+        table = Table("kind", "accuracy", "count", title=f"{name} ({split}) - overall {result['accuracy']:.1%} of {result['count']}{extra}")
         for kind, row in result["by_kind"].items():
             table.add_row(kind, f"{row['accuracy']:.1%}", str(row["count"]))
         out.print(table)

@@ -14,7 +14,8 @@ import torch
 
 from .data.dataset import ProcessedDataset
 from .data.formats import load_samples, resolve_dataset
-from .eval.qa import evaluate_qa
+from .eval.adapter import EvalAdapter
+from .eval.tasks import evaluate_task
 from .model import MultimodalLM
 from .recipe import Recipe, load_recipe
 from .train import Trainer
@@ -81,12 +82,16 @@ def run_eval(
     tasks: list[str] | None = None,
     limit: int | None = None,
     batch_size: int = 32,
+    shots: int = 0,
+    shot_selection: str = "random",
+    choices: bool = False,
     console=None,
     model: MultimodalLM | None = None,
 ) -> dict[str, dict]:
-    """Score a trained model on ``split`` of each task: ``{task: evaluate_qa(...) result}``."""
+    """Score a trained model (or any HF causal LM, text-only) on ``split`` of each task:
+    ``{task: evaluate_task(...) result}``; tasks default to the recipe's eval data."""
     run = Path(run)
-    model = model or MultimodalLM.from_pretrained(run)
+    adapter = EvalAdapter(model, batch_size) if model is not None else EvalAdapter.load(run, batch_size)
     if not tasks:
         info_path = run / RUN_FILE
         tasks = json.loads(info_path.read_text())["eval"].get("data", []) if info_path.is_file() else []
@@ -94,8 +99,16 @@ def run_eval(
             raise ValueError(f"{run}: no --task given and no recipe eval data recorded in {RUN_FILE}")
     results = {}
     for task in tasks:
-        samples = load_samples(resolve_dataset(data, task, split))[:limit]
         if console is not None:
-            console.print(f"scoring {task} ({split}): {len(samples)} samples")
-        results[task] = evaluate_qa(model, samples, batch_size=batch_size)
+            console.print(f"scoring {task} ({split})" + (f", {shots}-shot {shot_selection}" if shots else ""))
+        results[task] = evaluate_task(
+            adapter, data, task, split, limit=limit, shots=shots, shot_selection=shot_selection, choices=choices,
+            seed=seed_of(run),
+        )
     return results
+
+
+def seed_of(run: Path) -> int:
+    """The seed recorded in a run directory (0 when there is none)."""
+    info_path = run / RUN_FILE
+    return json.loads(info_path.read_text())["train"].get("seed", 0) if info_path.is_file() else 0

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from mmfuse.data.formats import load_samples, resolve_dataset
-from mmfuse.eval.qa import exact_match, normalize_answer
+from mmfuse.eval.metrics import exact_match, normalize_answer
 from mmfuse.recipe import list_recipes, load_recipe
 
 

@@ -22,6 +22,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from mmfuse.train import StageConfig, Trainer, TrainConfig, apply_stage, lora_parameters, merge_lora
 from mmfuse.train.checkpoint import list_checkpoints
+from mmfuse.train.trainer import stage_scheduler
 
 VOCAB, SEQ, PATCHES, FEAT = 32, 6, 2, 6
 
@@ -250,6 +251,23 @@ def test_lr_follows_warmup_cosine(reference):
     assert lrs == pytest.approx(expected, rel=1e-12, abs=1e-15)
     assert [m["samples_seen"] for m in metrics][:2] == [6, 12]
     assert all(math.isfinite(m["loss"]) and m["grad_norm"] > 0 for m in metrics[1:])
+
+
+def test_warmup_stable_decay_schedule():
+    stage = StageConfig(name="s", train=["llm"], data=["x"], steps=20, lr=1.0, warmup_ratio=0.1, lr_schedule="warmup_stable_decay",
+                        decay_ratio=0.25)
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    scheduler = stage_scheduler(optimizer, stage)
+    lrs = []
+    for _ in range(20):
+        lrs.append(scheduler.get_last_lr()[0])
+        optimizer.step()
+        scheduler.step()
+    assert lrs[:2] == [0.0, 0.5]  # 2 warm-up steps
+    assert lrs[2:15] == [1.0] * 13  # stable until the last 5 steps
+    assert lrs[15:] == pytest.approx([0.5 * (1 + math.cos(math.pi * i / 5)) for i in range(5)])
+    with pytest.raises(ValueError, match="lr_schedule"):
+        StageConfig(name="s", train=["llm"], data=["x"], steps=2, lr=1.0, lr_schedule="step")
 
 
 def test_grad_accum_matches_bigger_batch(tmp_path):

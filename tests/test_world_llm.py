@@ -95,7 +95,9 @@ def test_pretrain_saves_an_offline_loadable_llm(tmp_path, monkeypatch):
         return builder(*args, **kwargs)
 
     monkeypatch.setitem(world.WORLD_BACKBONES, "llm", counting)
+    rng_before = torch.get_rng_state()
     first = world.resolve("world:llm")
+    assert torch.equal(torch.get_rng_state(), rng_before)  # a first-use build leaves the caller's RNG as it was
     assert world.resolve("world:llm") == first and calls == [steps]
     assert first.startswith(str(tmp_path / "cache")) and first.endswith("llm-steps0.01")
     assert [p.name for p in world.backbone_dir("llm").parent.iterdir()] == ["llm-steps0.01"]  # no temp dirs left

@@ -24,6 +24,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import torch
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -96,7 +97,8 @@ def build(name: str, force: bool = False) -> Path:
                 shown = "  ".join(f"{k} {v:.4g}" for k, v in metrics.items())
                 bar.update(task, completed=step, total=steps, description=f"{PREFIX}{name}  {shown}")
 
-            builder(tmp, seed=SEED, steps=_steps(name), progress=progress)
+            with torch.random.fork_rng(devices=[]):  # a first-use build must not change the caller's RNG
+                builder(tmp, seed=SEED, steps=_steps(name), progress=progress)
         if target.is_dir():
             if not force:  # another process finished first; keep its build
                 return target

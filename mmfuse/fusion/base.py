@@ -15,6 +15,7 @@ from torch import nn
 
 class FusionStrategy(nn.Module):
     survey_type: str = ""
+    output_modalities: tuple[str, ...] = ("text",)  # what the model can generate
 
     def layout(self, modality: str, num_tokens: int) -> list[int]:
         """Token ids standing for one ``modality`` item whose connector yields ``num_tokens`` vectors."""

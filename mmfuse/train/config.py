@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from mmfuse.config import JsonConfig
 
 MIXED_PRECISION = ("no", "bf16", "fp16")
+LR_SCHEDULES = ("cosine", "linear", "constant_with_warmup", "warmup_stable_decay")
 LORA_GROUPS = ("llm",)
 
 
@@ -22,8 +23,10 @@ class StageConfig(JsonConfig):
 
     ``steps`` counts optimizer steps; one step sees ``batch_size * grad_accum`` samples per process.
     ``warmup_ratio``: the first ``ceil(warmup_ratio * steps)`` steps warm the learning rate up
-    linearly from 0 (as in transformers' Trainer, the first of them runs at lr 0), then it follows
-    a cosine down to 0. ``max_grad_norm`` <= 0 turns clipping off. ``mixed_precision`` is
+    linearly from 0 (as in transformers' Trainer, the first of them runs at lr 0), then
+    ``lr_schedule`` (a transformers scheduler) takes it: ``cosine`` down to 0, ``linear`` down to 0,
+    ``constant_with_warmup``, or ``warmup_stable_decay`` (constant, then a cosine to 0 over the last
+    ``ceil(decay_ratio * steps)`` steps). ``max_grad_norm`` <= 0 turns clipping off. ``mixed_precision`` is
     accelerate's: "bf16" works on CPU and GPU, "fp16" needs a GPU.
     A LoRA stage merges its adapters into the base weights when it ends.
     """
@@ -40,6 +43,8 @@ class StageConfig(JsonConfig):
     lr: float
     weight_decay: float = 0.0
     warmup_ratio: float = 0.03
+    lr_schedule: str = "cosine"
+    decay_ratio: float = 0.1
     batch_size: int = 8
     grad_accum: int = 1
     max_grad_norm: float = 1.0
@@ -65,6 +70,10 @@ class StageConfig(JsonConfig):
                 raise ValueError(f"{where}: {key} must be >= 1, got {getattr(self, key)}")
         if self.lr < 0:
             raise ValueError(f"{where}: lr must be >= 0, got {self.lr}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"{where}: lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
+        if not 0.0 <= self.decay_ratio <= 1.0:
+            raise ValueError(f"{where}: decay_ratio must be in [0, 1], got {self.decay_ratio}")
         if not 0.0 <= self.warmup_ratio <= 1.0:
             raise ValueError(f"{where}: warmup_ratio must be in [0, 1], got {self.warmup_ratio}")
 

@@ -1,7 +1,7 @@
 """The multi-stage trainer, on accelerate (single process, or unchanged under ``accelerate launch``).
 
 Per stage: freeze/unfreeze (and inject LoRA), AdamW over the trainable parameters, linear warm-up
-then cosine decay, gradient accumulation and clipping, accelerate's mixed precision. Data: the
+then the stage's schedule (cosine by default), gradient accumulation and clipping, accelerate's mixed precision. Data: the
 stage's datasets concatenated and shuffled per epoch by a generator seeded from (seed, stage, epoch);
 epochs repeat until the stage has made ``steps`` optimizer steps. ``batch_size`` is per process:
 global batch ``i`` of an epoch is ``perm[i*G:(i+1)*G]`` (``G = batch_size * processes``), cut into
@@ -35,7 +35,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch import nn
 from torch.optim.lr_scheduler import LRScheduler
 from torch.utils.data import ConcatDataset, DataLoader, Dataset
-from transformers import get_cosine_schedule_with_warmup
+from transformers import get_scheduler
 
 from mmfuse.train.checkpoint import (
     STATE_FILE,
@@ -102,13 +102,22 @@ def stage_accelerator(mixed_precision: str) -> Accelerator:
     return accelerator
 
 
+def stage_scheduler(optimizer: torch.optim.Optimizer, stage: StageConfig) -> LRScheduler:
+    """The stage's warm-up + ``lr_schedule`` learning-rate schedule (transformers' schedulers)."""
+    extra = {"num_decay_steps": math.ceil(stage.decay_ratio * stage.steps)} if stage.lr_schedule == "warmup_stable_decay" else None
+    return get_scheduler(stage.lr_schedule, optimizer, num_warmup_steps=math.ceil(stage.warmup_ratio * stage.steps),
+                         num_training_steps=stage.steps, scheduler_specific_kwargs=extra)
+
+
 class Trainer:
     """Trains ``model`` through ``config.stages``; see the module docstring.
 
     ``datasets`` maps the names stages list in ``data`` to datasets whose items ``collate_fn`` turns
     into the batch dict ``model(**batch)`` takes. ``export_fn(model, output_dir)`` writes the final
     model (default: ``model.save_pretrained(output_dir)``). Metrics go to ``metrics_path``
-    (default ``output_dir/metrics.jsonl``), one JSON object per logged step.
+    (default ``output_dir/metrics.jsonl``), one JSON object per logged step. ``on_step(model, position)``
+    runs after every optimizer step (and after that step's checkpoint, so work it does is not
+    repeated on resume); it must not change the weights or draw from the RNGs.
     """
 
     def __init__(
@@ -121,6 +130,7 @@ class Trainer:
         progress: bool = True,
         metrics_path: str | Path | None = None,
         export_fn: ExportFn | None = None,
+        on_step: Callable[[nn.Module, Position], None] | None = None,
     ):
         missing = sorted({name for s in config.stages for name in s.data} - set(datasets))
         if missing:
@@ -136,6 +146,7 @@ class Trainer:
         self.checkpoint_dir = self.output_dir / "checkpoints"
         self.metrics_path = Path(metrics_path) if metrics_path else self.output_dir / "metrics.jsonl"
         self.export_fn = export_fn or (lambda m, path: m.save_pretrained(path))
+        self.on_step = on_step
 
     def train(self, resume: bool = False) -> None:
         """Run every stage, then export. ``resume``: continue from the newest complete checkpoint
@@ -180,7 +191,7 @@ class Trainer:
             load_weights(self.model, checkpoint / WEIGHTS_FILE)
         model = accelerator.prepare(self.model)
         optimizer = torch.optim.AdamW(params, lr=stage.lr, weight_decay=stage.weight_decay)
-        scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(stage.warmup_ratio * stage.steps), stage.steps)
+        scheduler = stage_scheduler(optimizer, stage)
         optimizer = accelerator.prepare(optimizer)
         if checkpoint is not None:
             load_optimizer(checkpoint, optimizer, names)
@@ -223,6 +234,8 @@ class Trainer:
                 self._save(accelerator, pos)
             elif pos.global_step % self.config.save_every == 0:
                 self._save(accelerator, pos, optimizer, scheduler, names)
+            if self.on_step is not None:
+                self.on_step(accelerator.unwrap_model(model), pos)
 
     def _micro_batches(
         self, index: int, stage: StageConfig, accelerator: Accelerator, epoch: int, start: int

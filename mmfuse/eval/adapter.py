@@ -1,0 +1,109 @@
+"""One evaluation interface for every model: generate replies, score candidate replies by likelihood,
+embed media for retrieval, and measure text perplexity.
+
+Every fusion type is a :class:`~mmfuse.model.MultimodalLM`, and a plain Hugging Face causal LM (hub
+id or local directory) loads as a text-only ``MultimodalLM``, so the same evaluation code scores
+all of them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ..config import LLMConfig, MultimodalConfig
+from ..data.processor import IGNORE_INDEX
+from ..data.schema import Message, Sample
+from ..model import CONFIG_NAME, MultimodalLM
+from .metrics import perplexity
+
+
+class EvalAdapter:
+    """Wraps a :class:`MultimodalLM` for evaluation; batches of ``batch_size`` samples."""
+
+    def __init__(self, model: MultimodalLM, batch_size: int = 32):
+        self.model = model
+        self.batch_size = batch_size
+
+    @classmethod
+    def load(cls, name_or_path: str | Path, batch_size: int = 32) -> "EvalAdapter":
+        """An mmfuse checkpoint directory, or any HF causal LM (hub id or path) as a text-only model."""
+        if (Path(name_or_path) / CONFIG_NAME).is_file() and (Path(name_or_path) / "model.safetensors").is_file():
+            try:
+                return cls(MultimodalLM.from_pretrained(name_or_path), batch_size)
+            except (KeyError, TypeError, ValueError):
+                pass  # a plain HF checkpoint also has config.json + model.safetensors
+        model = MultimodalLM.from_config(MultimodalConfig(llm=LLMConfig(name_or_path=str(name_or_path))))
+        return cls(model.eval(), batch_size)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @torch.no_grad()
+    def generate(self, samples: list[Sample], max_new_tokens: int = 16) -> list[str]:
+        """Greedy replies, one per sample (a final assistant turn, if any, is dropped)."""
+        out = []
+        with _eval_mode(self.model):
+            for start in range(0, len(samples), self.batch_size):
+                out += self.model.answer(samples[start : start + self.batch_size], max_new_tokens=max_new_tokens, do_sample=False)
+        return out
+
+    @torch.no_grad()
+    def score(self, samples: list[Sample], candidates: list[str]) -> torch.Tensor:
+        """``(len(samples), len(candidates))`` summed log-likelihood of each candidate as the assistant's
+        final reply (its end-of-turn token included, so every candidate is scored as a full answer)."""
+        if not candidates:
+            raise ValueError("score: no candidates given")
+        filled = [
+            dataclasses.replace(s, messages=[*s.prompt_and_answer()[0], Message("assistant", c)] if s.messages[-1].role == "assistant"
+                                else [*s.messages, Message("assistant", c)])
+            for s in samples for c in candidates
+        ]
+        scores = []
+        with _eval_mode(self.model):
+            for start in range(0, len(filled), self.batch_size):
+                batch = self.model.collator()([self.model.processor(s) for s in filled[start : start + self.batch_size]])
+                logits = self.model(
+                    batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device),
+                    media={m: t.to(self.device) for m, t in batch["media"].items()},
+                ).logits.float()
+                labels = batch["labels"][:, 1:].to(self.device)
+                logp = F.log_softmax(logits[:, :-1], dim=-1).gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+                scores.append((logp * (labels != IGNORE_INDEX)).sum(dim=1).cpu())
+        return torch.cat(scores).view(len(samples), len(candidates))
+
+    @torch.no_grad()
+    def embed(self, modality: str, items: list) -> torch.Tensor:
+        """``(len(items), d)`` mean-pooled encoder features of media files or arrays (for retrieval)."""
+        if modality not in self.model.encoders:
+            raise ValueError(f"embed: the model has no {modality} encoder; it has {sorted(self.model.encoders)}")
+        process = self.model.media_processors[modality]
+        out = []
+        with _eval_mode(self.model):
+            for start in range(0, len(items), self.batch_size):
+                chunk = items[start : start + self.batch_size]
+                inputs = torch.stack([process(item, f"item {start + i}", 0) for i, item in enumerate(chunk)]).to(self.device)
+                out.append(self.model.encoders[modality](inputs).float().mean(dim=1).cpu())
+        return torch.cat(out)
+
+    def text_perplexity(self, texts: list[str]) -> float:
+        """Perplexity of the LLM alone on plain text (no template, no media)."""
+        return perplexity(self.model.llm, self.model.tokenizer, texts, batch_size=self.batch_size)
+
+
+class _eval_mode:
+    """Context manager: ``model.eval()`` inside, the previous mode restored after."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+
+    def __enter__(self):
+        self.was_training = self.model.training
+        self.model.eval()
+
+    def __exit__(self, *exc):
+        self.model.train(self.was_training)

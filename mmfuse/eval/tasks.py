@@ -1,0 +1,158 @@
+"""Evaluation tasks: a dataset file (``{data}/{task}_{split}.json``) scored by its kind of metric.
+
+* QA tasks (``*_qa``): exact-match accuracy per question kind, VQA accuracy, and optionally
+  *choice accuracy*: the reference is ranked by likelihood among every answer of the same question
+  kind in the evaluated set (model-agnostic: it needs no answer format, only log-likelihoods).
+* Caption tasks (``*_caption``, ``interleaved``): CIDEr-D and BLEU-4 against the final assistant turn.
+
+Few-shot prompts put ``shots`` solved examples from the task's train split before the question, as
+earlier turns of the same conversation; they are drawn at random or retrieved as the nearest
+neighbours of the question's first media item in the encoder's embedding space.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+from collections import defaultdict
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from ..data.formats import load_samples, resolve_dataset
+from ..data.schema import Sample
+from .adapter import EvalAdapter
+from .metrics import bleu4, cider_d, exact_match, vqa_accuracy
+from .retrieval import NearestNeighbours, choose_shots
+
+SHOT_SELECTION = ("random", "retrieval")
+FEWSHOT_POOL = 512  # train examples a few-shot prompt draws from
+
+
+def task_metric(task: str) -> str:
+    """``"qa"`` or ``"caption"``, from the task's name."""
+    if task.endswith("_qa"):
+        return "qa"
+    if task.endswith("_caption") or task == "interleaved":
+        return "caption"
+    raise ValueError(f"task {task!r}: no metric for it; tasks are named '<x>_qa', '<x>_caption' or 'interleaved'")
+
+
+def evaluate_task(
+    adapter: EvalAdapter,
+    data: str | Path,
+    task: str,
+    split: str = "test",
+    *,
+    limit: int | None = None,
+    shots: int = 0,
+    shot_selection: str = "random",
+    choices: bool = False,
+    seed: int = 0,
+    max_new_tokens: int | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> dict:
+    """Score ``adapter`` on ``split`` of ``task``; the result dict is described in the module docstring."""
+    metric = task_metric(task)
+    samples = load_samples(resolve_dataset(data, task, split))[:limit]
+    if not samples:
+        raise ValueError(f"task {task!r} split {split!r}: no samples")
+    if shots:
+        samples = few_shot(adapter, samples, load_samples(resolve_dataset(data, task, "train")), shots, shot_selection, seed)
+    max_new_tokens = max_new_tokens or (8 if metric == "qa" else 48)
+    predictions = []
+    for start in range(0, len(samples), adapter.batch_size):
+        predictions += adapter.generate(samples[start : start + adapter.batch_size], max_new_tokens)
+        if progress:
+            progress(len(predictions), len(samples))
+    result = qa_scores(samples, predictions) if metric == "qa" else caption_scores(samples, predictions)
+    if choices and metric == "qa":
+        result["choice_accuracy"] = choice_accuracy(adapter, samples)
+    result.update(task=task, split=split, shots=shots, shot_selection=shot_selection if shots else None)
+    return result
+
+
+def qa_scores(samples: list[Sample], predictions: list[str]) -> dict:
+    """``{"accuracy", "vqa_accuracy", "count", "by_kind": {kind: {"accuracy", "count"}}, "predictions"}``."""
+    hits: dict[str, list[bool]] = defaultdict(list)
+    vqa, rows = [], []
+    for sample, prediction in zip(samples, predictions, strict=True):
+        reference = sample.prompt_and_answer()[1]
+        ok = exact_match(prediction, reference)
+        kind = sample.meta.get("kind", "all")
+        hits[kind].append(ok)
+        vqa.append(vqa_accuracy(prediction, [reference]))
+        rows.append({"id": sample.id, "kind": kind, "prediction": prediction, "reference": reference, "correct": ok})
+    every = [ok for oks in hits.values() for ok in oks]
+    return {
+        "accuracy": sum(every) / len(every),
+        "vqa_accuracy": sum(vqa) / len(vqa),
+        "count": len(every),
+        "by_kind": {k: {"accuracy": sum(v) / len(v), "count": len(v)} for k, v in sorted(hits.items())},
+        "predictions": rows,
+    }
+
+
+def caption_scores(samples: list[Sample], predictions: list[str]) -> dict:
+    """``{"cider_d", "bleu4", "count", "predictions"}`` against each sample's final assistant turn."""
+    references = [[s.prompt_and_answer()[1]] for s in samples]
+    return {
+        "cider_d": cider_d(predictions, references),
+        "bleu4": bleu4(predictions, references),
+        "count": len(samples),
+        "predictions": [{"id": s.id, "prediction": p, "reference": r[0]} for s, p, r in zip(samples, predictions, references)],
+    }
+
+
+def choice_accuracy(adapter: EvalAdapter, samples: list[Sample]) -> float:
+    """Share of samples whose reference has the highest likelihood among the answers of its kind."""
+    by_kind: dict[str, list[int]] = defaultdict(list)
+    for i, s in enumerate(samples):
+        by_kind[s.meta.get("kind", "all")].append(i)
+    hits = 0
+    for indices in by_kind.values():
+        group = [samples[i] for i in indices]
+        answers = sorted({s.prompt_and_answer()[1] for s in group})
+        best = adapter.score(group, answers).argmax(dim=1).tolist()
+        hits += sum(answers[b] == s.prompt_and_answer()[1] for b, s in zip(best, group))
+    return hits / len(samples)
+
+
+def few_shot(
+    adapter: EvalAdapter, samples: list[Sample], pool: list[Sample], shots: int, selection: str, seed: int
+) -> list[Sample]:
+    """Each sample with ``shots`` solved pool examples prepended as earlier turns."""
+    if selection not in SHOT_SELECTION:
+        raise ValueError(f"shot_selection must be one of {SHOT_SELECTION}, got {selection!r}")
+    pool = random.Random(seed).sample(pool, min(len(pool), FEWSHOT_POOL))
+    rng = random.Random(seed + 1)
+    if selection == "random":
+        chosen = [choose_shots(len(pool), shots, rng=rng)[0] for _ in samples]
+    else:
+        index = NearestNeighbours(embed_samples(adapter, pool))
+        chosen = choose_shots(len(pool), shots, rng=rng, query_embeddings=embed_samples(adapter, samples), index=index)
+    return [_prepend(sample, [pool[j] for j in picks]) for sample, picks in zip(samples, chosen)]
+
+
+def _first_modality(sample: Sample) -> str:
+    for modality, items in sample.media.items():
+        if items:
+            return modality
+    raise ValueError(f"sample {sample.id!r}: retrieval needs media to embed, and it has none")
+
+
+def _prepend(sample: Sample, shots: list[Sample]) -> Sample:
+    """``sample`` with each shot's conversation (and media, in marker order) placed before it."""
+    messages = [m for shot in shots for m in shot.messages] + sample.messages
+    media = {
+        modality: [item for s in [*shots, sample] for item in s.media.get(modality, [])]
+        for modality in {m for s in [*shots, sample] for m in s.media}
+    }
+    return dataclasses.replace(sample, id=f"{sample.id}+{len(shots)}shot", messages=messages, media=media)
+
+
+def embed_samples(adapter: EvalAdapter, samples: list[Sample]) -> torch.Tensor:
+    """Mean-pooled encoder embedding of each sample's first media item, ``(n, d)``."""
+    modality = _first_modality(samples[0])
+    return adapter.embed(modality, [s.media[modality][0] for s in samples])

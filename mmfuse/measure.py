@@ -1,0 +1,136 @@
+"""Measured costs of a model: parameters, training FLOPs per sample, cost against the number of media
+tokens, and what adding a modality costs. Every figure is measured on the real model (FLOPs with
+``torch.utils.flop_counter.FlopCounterMode``), never read from a config.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from typing import Any
+
+import torch
+import yaml
+from torch.utils.flop_counter import FlopCounterMode
+
+from .config import ConnectorConfig, EncoderConfig, MultimodalConfig
+from .data.schema import MARKERS, Message, Sample
+from .model import MultimodalLM
+from .train.config import StageConfig
+from .train.stage import apply_stage
+
+# the world's encoder for a modality a recipe does not have yet (what adding it costs)
+WORLD_ENCODERS = {
+    "image": EncoderConfig(modality="image", name_or_path="world:vision", feature_layer=-2),
+    "audio": EncoderConfig(modality="audio", name_or_path="world:audio"),
+}
+
+
+def train_flops(model: MultimodalLM, batch: dict[str, Any]) -> int:
+    """FLOPs of one forward + backward pass on ``batch`` with the model's current trainable set.
+
+    Gradients are cleared afterwards; the weights are not changed.
+    """
+    was_training = model.training
+    model.train()
+    with FlopCounterMode(display=False) as counter:
+        loss = model(batch["input_ids"], batch["attention_mask"], labels=batch["labels"], media=batch["media"]).loss
+        if loss.requires_grad:
+            loss.backward()
+    model.zero_grad(set_to_none=True)
+    model.train(was_training)
+    return int(counter.get_total_flops())
+
+
+def train_flops_per_sample(model: MultimodalLM, stage: StageConfig, samples: list[Sample]) -> float:
+    """Training FLOPs per sample of ``stage`` (its parameters made trainable) on ``samples``."""
+    apply_stage(model, stage)
+    batch = model.collator()([model.processor(s) for s in samples])
+    return train_flops(model, batch) / len(samples)
+
+
+def media_token_cost(
+    model: MultimodalLM, stage: StageConfig, item: Any, modality: str, items_per_sample: tuple[int, ...] = (1, 2, 4, 8)
+) -> list[dict[str, float]]:
+    """Training FLOPs of one sample holding 1, 2, 4... copies of media ``item`` and a one-word answer:
+    ``[{"items", "media_tokens", "train_flops"}]``; media tokens are the vectors the connector makes."""
+    apply_stage(model, stage)
+    per_item = model.media_token_count(modality, tuple(model.media_processors[modality](item).shape))
+    out = []
+    for n in items_per_sample:
+        sample = Sample(
+            id=f"cost-{n}",
+            messages=[Message("user", MARKERS[modality] * n + "\nDescribe."), Message("assistant", "yes")],
+            media={modality: [item] * n},
+        )
+        batch = model.collator()([model.processor(sample)])
+        out.append({"items": n, "media_tokens": n * per_item, "train_flops": train_flops(model, batch)})
+    return out
+
+
+def parameter_summary(model: MultimodalLM) -> dict[str, int]:
+    """``{"params_total", "params_llm", "params_encoders", "params_connectors", "params_fusion"}``."""
+    groups = model.parameter_groups()
+    count = lambda prefix: sum(p.numel() for g, ps in groups.items() if g == prefix or g.startswith(prefix + ".") for _, p in ps)
+    return {
+        "params_total": sum(p.numel() for p in model.parameters()),
+        "params_llm": count("llm"),
+        "params_encoders": count("encoders"),
+        "params_connectors": count("connectors"),
+        "params_fusion": count("fusion"),
+    }
+
+
+def trainable_parameters(model: MultimodalLM, stages: list[StageConfig]) -> int:
+    """Parameters some stage trains (the union over stages; LoRA adapters count as they are added)."""
+    trained: dict[int, int] = {}
+    for stage in stages:
+        for p in apply_stage(model, stage):
+            trained[id(p)] = p.numel()
+    return sum(trained.values())
+
+
+def with_modality(config: MultimodalConfig, encoder: EncoderConfig, connector: ConnectorConfig) -> MultimodalConfig:
+    """``config`` with ``encoder`` and its ``connector`` added."""
+    if encoder.modality in config.encoders:
+        raise ValueError(f"the config already has a {encoder.modality} encoder")
+    out = copy.deepcopy(config)
+    out.encoders[encoder.modality] = copy.deepcopy(encoder)
+    out.connectors[encoder.modality] = copy.deepcopy(connector)
+    return out
+
+
+def adds_modality(model: MultimodalLM, encoder: EncoderConfig, connector: ConnectorConfig) -> dict[str, Any]:
+    """What adding ``encoder``'s modality to ``model`` costs: parameters by component (the grown model is
+    built and counted) and the recipe lines a user adds (the new config entries, defaults left out)."""
+    modality = encoder.modality
+    after_config = with_modality(model.config, encoder, connector)
+    with torch.random.fork_rng(devices=[]):
+        after = MultimodalLM.from_config(after_config)
+    before, grown = parameter_summary(model), parameter_summary(after)
+    snippet = yaml.safe_dump(
+        {
+            "encoders": {modality: _non_default(after_config.encoders[modality], keep=("modality",))},
+            "connectors": {modality: _non_default(connector, keep=("kind",))},
+        },
+        default_flow_style=False,
+        sort_keys=False,
+    )
+    return {
+        "modality": modality,
+        "new_params": grown["params_total"] - before["params_total"],
+        "new_params_by_component": {k.removeprefix("params_"): grown[k] - before[k] for k in before if k != "params_total"},
+        "llm_params_changed": grown["params_llm"] != before["params_llm"],
+        "config_lines": len(snippet.splitlines()),
+        "config_added": snippet,
+    }
+
+
+def _non_default(config, keep: tuple[str, ...]) -> dict[str, Any]:
+    """The fields of a dataclass config that differ from their defaults (plus ``keep``)."""
+    default = type(config)()
+    return {
+        f.name: getattr(config, f.name)
+        for f in dataclasses.fields(config)
+        if f.name in keep or (f.name != "hf_config" and getattr(config, f.name) != getattr(default, f.name))
+    }
