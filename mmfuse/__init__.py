@@ -10,7 +10,9 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from .config import ConnectorConfig, EncoderConfig, FusionConfig, LLMConfig, MultimodalConfig
 from .data.formats import load_samples
+from .compare import CompareSettings, run_comparison
 from .data.schema import Message, Sample
+from .eval import EvalAdapter, evaluate_task
 from .model import MultimodalLM
 from .recipe import Recipe, list_recipes, load_recipe
 from .train import StageConfig, TrainConfig, Trainer
@@ -19,8 +21,10 @@ from .training import run_eval, run_training
 __version__ = "0.1.0"
 
 __all__ = [
+    "CompareSettings",
     "ConnectorConfig",
     "EncoderConfig",
+    "EvalAdapter",
     "FusionConfig",
     "LLMConfig",
     "Message",
@@ -31,9 +35,11 @@ __all__ = [
     "StageConfig",
     "TrainConfig",
     "Trainer",
+    "evaluate_task",
     "list_recipes",
     "load_recipe",
     "load_samples",
+    "run_comparison",
     "run_eval",
     "run_training",
 ]

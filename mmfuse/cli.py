@@ -63,9 +63,8 @@ def compare(
     quick: bool = typer.Option(False, help="Small world and budget: about 3 minutes on a 2-core CPU."),
 ):
     """Train recipes on the same backbones, data and budget; write the survey's comparison, measured."""
-    from .compare import DEFAULT_RECIPES, CompareSettings, compare as run_compare
+    from .compare import DEFAULT_RECIPES, CompareSettings, run_comparison
     from .data.synth.world import WorldSizes, write_world
-    from .report import write_markdown, write_plots
 
     start = time.time()
     settings = CompareSettings.quick(seed) if quick else CompareSettings(seed=seed)
@@ -76,11 +75,8 @@ def compare(
         if not (data / "world.json").is_file():
             console.print(f"writing the {'small ' if quick else ''}world into {data}")
             write_world(data, seed=seed, sizes=WorldSizes.small() if quick else None)
-    records = run_compare(list(recipes or DEFAULT_RECIPES), data, out, settings, log=console.print)
-    report = json.loads((out / "report.json").read_text())
-    text = write_markdown(report, out / "report.md")
-    write_plots(report, out)
-    typer.echo(text)
+    records = run_comparison(list(recipes or DEFAULT_RECIPES), data, out, settings, log=console.print)
+    typer.echo((out / "report.md").read_text())
     failed = [r["recipe"] for r in records if "error" in r]
     console.print(f"wrote {out}/report.json, report.md and plots in {time.time() - start:.0f} s" + (f"; failed: {failed}" if failed else ""))
     if failed:

@@ -11,7 +11,7 @@ its own and a recipe that fails is reported with its error while the others stil
 3. trains, scoring the learning-curve task at evenly spaced sample counts;
 4. scores the evaluation tasks and the text perplexity again.
 
-The records go to ``report.json``; :mod:`mmfuse.report` writes ``report.md`` and the plots.
+The records go to ``report.json``; :mod:`mmfuse.report` turns them into ``report.md`` and the plots.
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ from .eval.tasks import evaluate_task
 from .measure import WORLD_ENCODERS, adds_modality, media_token_cost, parameter_summary, train_flops_per_sample, trainable_parameters
 from .model import MultimodalLM
 from .recipe import Recipe, list_recipes, load_recipe
+from .report import write_markdown, write_plots
 from .train import Trainer
 
 # one recipe per fusion type that exists, plus the Type-C connector variants
@@ -206,10 +207,11 @@ def _peak_memory_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kilobytes on Linux
 
 
-def compare(
+def run_comparison(
     recipes: list[str], data: str | Path, out: str | Path, settings: CompareSettings, *, log: Callable[[str], None] = print
 ) -> list[dict[str, Any]]:
-    """Run each recipe in its own process; write ``report.json``; return the records."""
+    """Run each recipe in its own process; write ``report.json``, ``report.md`` and the plots into
+    ``out``; return the records."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     unknown = [r for r in recipes if r not in list_recipes() and not Path(r).is_file()]
@@ -237,6 +239,8 @@ def compare(
         records.append(record)
     report = {"settings": dataclasses.asdict(settings), "data": str(data), "recipes": records}
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    write_markdown(report, out / "report.md")
+    write_plots(report, out)
     return records
 
 

@@ -108,9 +108,16 @@ class ConnectorConfig(JsonConfig):
     """Maps encoder features (B, N, D_enc) to LLM inputs (B, M, D_llm).
 
     kind: ``linear`` (LLaVA), ``mlp<k>x_gelu`` (LLaVA-1.5 uses mlp2x_gelu), ``qformer`` (BLIP-2 style
-    learned queries), ``identity``. ``pool_stride`` > 1 average-pools the features in time/sequence
-    before projecting (Qwen-Audio uses 2). ``boundary_tokens`` adds learned begin/end vectors around
-    each item (Qwen-Audio's audio BOS/EOS). ``input_norm`` layer-normalises the encoder features first.
+    learned queries), ``perceiver`` (Flamingo / OpenFlamingo / IDEFICS perceiver resampler: ``num_latents``
+    learned latents attend to the features concatenated with themselves), ``identity``. ``pool_stride``
+    > 1 average-pools the features in time/sequence before projecting (Qwen-Audio uses 2; not with a
+    perceiver over video frames). ``boundary_tokens`` adds learned begin/end vectors around each item
+    (Qwen-Audio's audio BOS/EOS). ``input_norm`` layer-normalises the encoder features first.
+
+    ``depth`` and ``num_heads`` serve both the qformer and the perceiver. The field defaults (2 and 4)
+    suit the qformer; Flamingo's perceiver uses depth 6, 8 heads and 64 latents, which belong in a
+    recipe, not here. ``max_frames`` > 0 gives the perceiver a learned embedding per video frame index
+    (up to that many frames); 0 means none, and the frames are then an unordered set of tokens.
     """
 
     kind: str = "linear"
@@ -120,13 +127,16 @@ class ConnectorConfig(JsonConfig):
     num_heads: int = 4
     hidden_size: int | None = None  # qformer width; defaults to the encoder width
     cross_attention_every: int = 2  # qformer: cross-attention in every n-th block (BLIP-2: 2)
+    num_latents: int = 64  # perceiver: learned latents = tokens per item (Flamingo: 64)
+    max_frames: int = 0  # perceiver: frame embeddings for up to this many video frames; 0 = none
     boundary_tokens: bool = False
     input_norm: bool = False
 
 
 @dataclass
 class FusionConfig(JsonConfig):
-    """Which survey type and its settings. ``type``: "C" (non-tokenized early fusion) for now."""
+    """Which survey type and its settings: ``type`` "A" (cross-attention, options of
+    :class:`~mmfuse.fusion.CrossAttentionFusion`) or "C" (non-tokenized early fusion)."""
 
     type: str = "C"
     options: dict[str, Any] = field(default_factory=dict)

@@ -149,11 +149,17 @@ class MultimodalLM(nn.Module):
             device = next(self.parameters()).device
             with torch.no_grad(), torch.random.fork_rng(devices=[]):
                 probe = torch.zeros((1, *item_shape), device=device, dtype=self._encoder_dtype(modality))
-                self._token_counts[key] = self.connectors[modality](self.encoders[modality](probe)).shape[1]
+                self._token_counts[key] = self._connect(modality, probe, self.encoders[modality](probe)).shape[1]
         return self._token_counts[key]
 
     def _encoder_dtype(self, modality: str) -> torch.dtype:
         return next(self.encoders[modality].parameters()).dtype
+
+    def _connect(self, modality: str, inputs: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        """Run the connector; video inputs ``(n, frames, 3, H, W)`` tell it their number of frames."""
+        if modality == "video":
+            return self.connectors[modality](features, frames=inputs.shape[1])
+        return self.connectors[modality](features)
 
     # -- forward ----------------------------------------------------------------------------------
     def encode_media(self, media: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -166,7 +172,7 @@ class MultimodalLM(nn.Module):
             trainable = any(p.requires_grad for p in encoder.parameters())
             with torch.set_grad_enabled(torch.is_grad_enabled() and trainable):
                 features = encoder(inputs.to(self._encoder_dtype(modality)))
-            out[modality] = self.connectors[modality](features)
+            out[modality] = self._connect(modality, inputs, features)
         return out
 
     def llm_inputs(self, input_ids: torch.Tensor, media: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
@@ -188,10 +194,10 @@ class MultimodalLM(nn.Module):
         ``transformers`` ``generate`` (``max_new_tokens``, ``do_sample``, ``temperature``, ``top_p``,
         ``streamer``, ``use_cache``...).
         """
-        inputs = self.llm_inputs(input_ids, media)
         generate_kwargs.setdefault("eos_token_id", self.processor.stop_token_ids)
         generate_kwargs.setdefault("pad_token_id", self.tokenizer.pad_token_id)
-        return self.llm.generate(attention_mask=attention_mask, **inputs, **generate_kwargs)
+        with self.fusion.generation_inputs(self.llm_inputs(input_ids, media)) as inputs:
+            return self.llm.generate(attention_mask=attention_mask, **inputs, **generate_kwargs)
 
     def answer(self, samples: list[Sample], **generate_kwargs) -> list[str]:
         """Generate the assistant's reply for each sample (its final assistant turn, if any, is dropped)."""

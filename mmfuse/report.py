@@ -20,6 +20,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 Record = dict[str, Any]
 TYPE_COLOURS = {"A": "tab:blue", "B": "tab:orange", "C": "tab:green", "D": "tab:red"}
+TYPE_MARKERS = {"A": "s", "B": "^", "C": "o", "D": "D"}  # line plots: colour per recipe, marker per type
 
 
 def _ok(records: list[Record]) -> list[Record]:
@@ -214,8 +215,8 @@ def write_plots(report: dict[str, Any], out: str | Path) -> list[Path]:
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for r in records:
-        ax.plot([p["samples"] for p in r["curve"]], [p["accuracy"] for p in r["curve"]], marker="o",
-                label=f"{r['recipe']} ({r['survey_type']}): {r['curve_task']}", color=TYPE_COLOURS.get(r["survey_type"]))
+        ax.plot([p["samples"] for p in r["curve"]], [p["accuracy"] for p in r["curve"]], marker=TYPE_MARKERS.get(r["survey_type"], "o"),
+                label=f"{r['recipe']} ({r['survey_type']}): {r['curve_task']}")
     ax.set(title="Learning curves: QA accuracy against training samples seen", xlabel="training samples seen",
            ylabel="validation accuracy", ylim=(0, 1))
     ax.legend(fontsize=7)
@@ -226,7 +227,7 @@ def write_plots(report: dict[str, Any], out: str | Path) -> list[Path]:
     fig, ax = plt.subplots(figsize=(6, 4))
     for r in records:
         cost = r["media_token_cost"]
-        ax.plot([c["media_tokens"] for c in cost], [c["train_flops"] / 1e9 for c in cost], marker="o",
+        ax.plot([c["media_tokens"] for c in cost], [c["train_flops"] / 1e9 for c in cost], marker=TYPE_MARKERS.get(r["survey_type"], "o"),
                 label=f"{r['recipe']} ({r['survey_type']})")
     ax.set(title="Training cost of one sample against its media tokens", xlabel="media tokens per sample",
            ylabel="train GFLOP per sample (fwd + bwd)")

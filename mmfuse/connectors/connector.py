@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from ..config import ConnectorConfig
+from .perceiver import PerceiverResampler
 from .projector import build_projector
 from .qformer import QFormerResampler
 
@@ -15,7 +16,8 @@ class Connector(nn.Module):
 
     ``pool_stride`` average-pools along the token axis first (Qwen-Audio: 2); ``boundary_tokens``
     wraps every item in learned begin/end vectors (Qwen-Audio's audio BOS/EOS), so the item takes
-    two more positions.
+    two more positions. ``kind="perceiver"`` is a Flamingo perceiver resampler; for video it takes
+    ``frames`` to add its frame embeddings (the other kinds ignore ``frames``).
     """
 
     def __init__(self, cfg: ConnectorConfig, encoder_dim: int, llm_dim: int):
@@ -34,18 +36,34 @@ class Connector(nn.Module):
                 num_heads=cfg.num_heads,
                 cross_attention_every=cfg.cross_attention_every,
             )
+        elif cfg.kind == "perceiver":
+            self.core = PerceiverResampler(
+                encoder_dim,
+                llm_dim,
+                num_latents=cfg.num_latents,
+                depth=cfg.depth,
+                num_heads=cfg.num_heads,
+                max_frames=cfg.max_frames,
+            )
         else:
             self.core = build_projector(cfg.kind, encoder_dim, llm_dim)
         self.boundary = nn.Parameter(torch.randn(2, llm_dim) * 0.02) if cfg.boundary_tokens else None
 
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
+    def forward(self, features: torch.Tensor, frames: int = 1) -> torch.Tensor:
+        """features ``(n, frames * tokens, encoder_dim)``; ``frames`` > 1 for video (frame-major tokens)."""
+        is_perceiver = isinstance(self.core, PerceiverResampler)
+        if is_perceiver and self.pool_stride > 1 and frames > 1:
+            raise ValueError(
+                f"connector: pool_stride {self.pool_stride} cannot be combined with a perceiver over {frames} frames "
+                "(pooling would mix tokens across frame boundaries); set pool_stride to 1"
+            )
         if self.input_norm is not None:
             features = self.input_norm(features)
         if self.pool_stride > 1:
             if features.shape[1] < self.pool_stride:
                 raise ValueError(f"connector: {features.shape[1]} tokens is fewer than pool_stride {self.pool_stride}")
             features = nn.functional.avg_pool1d(features.transpose(1, 2), self.pool_stride, self.pool_stride).transpose(1, 2)
-        out = self.core(features)
+        out = self.core(features, frames=frames) if is_perceiver else self.core(features)
         if self.boundary is not None:
             n = out.shape[0]
             begin = self.boundary[0].expand(n, 1, -1).to(out.dtype)

@@ -2,9 +2,10 @@
 
 from ..config import FusionConfig
 from .base import FusionStrategy
+from .cross_attention import MARKER_IDS, CrossAttentionFusion
 from .embedding import PLACEHOLDER_IDS, EmbeddingFusion
 
-STRATEGIES = {"C": EmbeddingFusion}
+STRATEGIES = {"A": CrossAttentionFusion, "C": EmbeddingFusion}
 
 
 def build_fusion(cfg: FusionConfig) -> FusionStrategy:
@@ -13,4 +14,5 @@ def build_fusion(cfg: FusionConfig) -> FusionStrategy:
     return STRATEGIES[cfg.type](**cfg.options)
 
 
-__all__ = ["PLACEHOLDER_IDS", "STRATEGIES", "EmbeddingFusion", "FusionStrategy", "build_fusion"]
+__all__ = ["MARKER_IDS", "PLACEHOLDER_IDS", "STRATEGIES", "CrossAttentionFusion", "EmbeddingFusion", "FusionStrategy",
+           "build_fusion"]

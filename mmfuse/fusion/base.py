@@ -9,6 +9,9 @@ A strategy answers three questions (see DESIGN.md):
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 from torch import nn
 
@@ -34,3 +37,8 @@ class FusionStrategy(nn.Module):
         connector outputs, items in the order their markers appear in the batch (row-major).
         """
         raise NotImplementedError
+
+    @contextlib.contextmanager
+    def generation_inputs(self, inputs: dict) -> Iterator[dict]:
+        """The keyword arguments for ``llm.generate`` made from ``llm_inputs``'s (here unchanged)."""
+        yield inputs

@@ -1,0 +1,224 @@
+"""Type-A, standard cross-attention deep fusion (Flamingo, OpenFlamingo, IDEFICS, Audio Flamingo).
+
+Each media item takes one marker position in the token stream (a learned embedding, as Flamingo's
+``<image>`` token). Gated cross-attention blocks run before chosen decoder layers of the unchanged
+Hugging Face LLM: text hidden states attend to the media states (the connector's output, e.g. a
+Perceiver resampler's latents), then a feed-forward layer; each is scaled by ``tanh`` of a gate that
+starts at 0, so the fused model starts as the text-only LLM.
+
+Media masks: a text token attends to the media item of the nearest marker at or before it
+(``media_attention="immediate"``, Flamingo) or to every earlier item (``"all_previous"``, Audio
+Flamingo). Tokens before any media get an exactly zero cross-attention output.
+
+How the blocks reach the LLM: a forward pre-hook on each decoder layer (so the LLM's modules and
+parameter names stay as they are) runs the block on the layer's input hidden states. The media
+context (keys and values of every block, computed once, and each token's media index) is passed
+explicitly as the ``media_context`` keyword of the LLM's forward, which Hugging Face decoders hand to
+every layer; ``generate`` rejects unknown keywords, so during generation the context is set for the
+duration of the call by :meth:`CrossAttentionFusion.generation_inputs`. Decode steps reuse the
+precomputed keys and values, so a new token costs one query projection and one attention row per block.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .base import FusionStrategy
+
+MARKER_IDS = {"image": -300, "audio": -301, "video": -302}
+PLACEMENTS = ("openflamingo", "idefics")
+MEDIA_ATTENTION = ("immediate", "all_previous")
+
+
+@dataclass
+class MediaContext:
+    """What the blocks read in one LLM call.
+
+    ``keys[i]`` / ``values[i]``: block i's ``(B, heads, K, head_dim)``; ``key_item``: ``(B, K)`` the
+    1-based item number of each key in its row (0 for padding); ``media_index``: ``(B, L)`` the item
+    number each token attends to (immediate) or up to (all previous), 0 before any media.
+    """
+
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+    key_item: torch.Tensor
+    media_index: torch.Tensor
+
+
+class GatedCrossAttentionBlock(nn.Module):
+    """``x + tanh(g_attn) * xattn(LN(x), media) ; x + tanh(g_ff) * FFN(LN(x))`` on ``(B, L, d)``.
+
+    Only the gates start at zero (the output projections keep a normal init, so the gates get a
+    gradient from the first step).
+    """
+
+    def __init__(self, dim: int, media_dim: int, num_heads: int, ff_mult: int = 4, qk_norm: bool = False):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"cross-attention: width {dim} is not divisible by {num_heads} heads")
+        self.num_heads, self.head_dim = num_heads, dim // num_heads
+        self.norm = nn.LayerNorm(dim)
+        self.to_q = nn.Linear(dim, dim, bias=False)
+        self.to_k = nn.Linear(media_dim, dim, bias=False)
+        self.to_v = nn.Linear(media_dim, dim, bias=False)
+        self.to_out = nn.Linear(dim, dim, bias=False)
+        self.q_norm = nn.LayerNorm(self.head_dim) if qk_norm else nn.Identity()
+        self.k_norm = nn.LayerNorm(self.head_dim) if qk_norm else nn.Identity()
+        self.attn_gate = nn.Parameter(torch.zeros(1))
+        self.ff = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, ff_mult * dim, bias=False), nn.GELU(),
+                                nn.Linear(ff_mult * dim, dim, bias=False))
+        self.ff_gate = nn.Parameter(torch.zeros(1))
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        return x.unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2)
+
+    def keys_values(self, media: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(B, K, media_dim)`` -> keys and values ``(B, heads, K, head_dim)``."""
+        return self.k_norm(self._heads(self.to_k(media))), self._heads(self.to_v(media))
+
+    def forward(self, x: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+        """``allowed``: ``(B, L, K)`` which keys each token may attend to."""
+        has_media = allowed.any(dim=-1, keepdim=True)  # (B, L, 1)
+        q = self.q_norm(self._heads(self.to_q(self.norm(x))))
+        mask = (allowed | ~has_media).unsqueeze(1)  # rows without media attend anywhere, then are zeroed
+        attended = F.scaled_dot_product_attention(q, keys.to(q.dtype), values.to(q.dtype), attn_mask=mask)
+        attended = self.to_out(attended.transpose(1, 2).flatten(2)) * has_media
+        x = x + self.attn_gate.tanh() * attended
+        return x + self.ff_gate.tanh() * self.ff(x)
+
+
+def decoder_layers(llm: nn.Module) -> nn.ModuleList:
+    """The decoder layer list of a Hugging Face causal LM: the ModuleList as long as its layer count."""
+    config = llm.config.get_text_config()
+    n = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", None)
+    for module in llm.modules():
+        if isinstance(module, nn.ModuleList) and len(module) == n:
+            return module
+    raise ValueError(f"{type(llm).__name__}: found no list of {n} decoder layers to attach cross-attention to")
+
+
+def cross_attention_layers(num_layers: int, every: int, placement: str | list[int]) -> list[int]:
+    """Decoder layer indices that get a block: OpenFlamingo ``(i + 1) % every == 0``, IDEFICS
+    ``i % every == 0``, or an explicit list."""
+    if isinstance(placement, list):
+        bad = [i for i in placement if not 0 <= i < num_layers]
+        if bad or not placement:
+            raise ValueError(f"cross-attention layers {placement} must be a non-empty list of indices in [0, {num_layers})")
+        return sorted(set(placement))
+    if placement not in PLACEMENTS:
+        raise ValueError(f"placement must be one of {PLACEMENTS} or a list of layer indices, got {placement!r}")
+    if every < 1:
+        raise ValueError(f"every must be >= 1, got {every}")
+    offset = 1 if placement == "openflamingo" else 0
+    return [i for i in range(num_layers) if (i + offset) % every == 0]
+
+
+class CrossAttentionFusion(FusionStrategy):
+    survey_type = "A"
+
+    def __init__(self, every: int = 1, placement: str | list[int] = "openflamingo", media_attention: str = "immediate",
+                 num_heads: int | None = None, ff_mult: int = 4, qk_norm: bool = False):
+        super().__init__()
+        if media_attention not in MEDIA_ATTENTION:
+            raise ValueError(f"media_attention must be one of {MEDIA_ATTENTION}, got {media_attention!r}")
+        self.every, self.placement, self.media_attention = every, placement, media_attention
+        self.num_heads, self.ff_mult, self.qk_norm = num_heads, ff_mult, qk_norm
+        self.layer_indices: list[int] = []
+        self.blocks = nn.ModuleList()
+        self.markers = nn.ParameterDict()
+        self._generation_context: MediaContext | None = None
+
+    # -- layout -----------------------------------------------------------------------------------
+    def layout(self, modality: str, num_tokens: int) -> list[int]:
+        return [MARKER_IDS[modality]]
+
+    # -- attachment -------------------------------------------------------------------------------
+    def attach(self, llm: nn.Module) -> None:
+        config = llm.config.get_text_config()
+        dim = llm.get_input_embeddings().embedding_dim
+        heads = self.num_heads or getattr(config, "num_attention_heads", None) or config.n_head
+        layers = decoder_layers(llm)
+        self.layer_indices = cross_attention_layers(len(layers), self.every, self.placement)
+        self.blocks = nn.ModuleList(GatedCrossAttentionBlock(dim, dim, heads, self.ff_mult, self.qk_norm) for _ in self.layer_indices)
+        std = getattr(config, "initializer_range", 0.02)
+        self.markers = nn.ParameterDict({m: nn.Parameter(torch.randn(dim) * std) for m in MARKER_IDS})
+        block_of = dict(zip(self.layer_indices, range(len(self.layer_indices))))
+        for index, layer in enumerate(layers):
+            layer.register_forward_pre_hook(self._hook(block_of.get(index)), with_kwargs=True)
+
+    def _hook(self, block: int | None):
+        def run(module, args, kwargs):
+            context = kwargs.pop("media_context", None) or self._generation_context
+            if block is None or context is None:
+                return args, kwargs
+            if args:
+                return (self._apply(block, args[0], context), *args[1:]), kwargs
+            kwargs["hidden_states"] = self._apply(block, kwargs["hidden_states"], context)
+            return args, kwargs
+
+        return run
+
+    def _apply(self, block: int, hidden: torch.Tensor, context: MediaContext) -> torch.Tensor:
+        index, extra = context.media_index, hidden.shape[1] - context.media_index.shape[1]
+        if extra < 0:  # a cached decode step: the new tokens follow the prompt's last media item
+            index = index[:, -1:].expand(-1, hidden.shape[1])
+        elif extra > 0:  # an uncached step re-reads the prompt and the tokens generated so far
+            index = torch.cat([index, index[:, -1:].expand(-1, extra)], dim=1)
+        item = context.key_item.unsqueeze(1)  # (B, 1, K)
+        index = index.unsqueeze(-1)  # (B, L, 1)
+        allowed = (item == index) if self.media_attention == "immediate" else (item <= index)
+        allowed = allowed & (item > 0)
+        return self.blocks[block](hidden, context.keys[block], context.values[block], allowed)
+
+    # -- conditioning -----------------------------------------------------------------------------
+    def llm_inputs(self, llm, input_ids, media):
+        """-> ``{"inputs_embeds": (B, L, d), "media_context": MediaContext}``."""
+        is_marker = {m: input_ids == i for m, i in MARKER_IDS.items()}
+        embeds = llm.get_input_embeddings()(input_ids.clamp(min=0))
+        for modality, mask in is_marker.items():
+            embeds = torch.where(mask.unsqueeze(-1), self.markers[modality].to(embeds.dtype), embeds)
+        return {"inputs_embeds": embeds, "media_context": self.media_context(input_ids, media, is_marker)}
+
+    def media_context(self, input_ids: torch.Tensor, media: dict[str, torch.Tensor], is_marker: dict[str, torch.Tensor]) -> MediaContext:
+        """Order each row's media items by marker position, pad them into keys, project once per block."""
+        counts = {m: int(mask.sum()) for m, mask in is_marker.items()}
+        for modality, n_markers in counts.items():
+            n_items = 0 if media.get(modality) is None else media[modality].shape[0]
+            if n_markers != n_items:
+                raise ValueError(f"{modality}: the batch has {n_markers} media markers but {n_items} encoded items")
+        any_marker = torch.stack(list(is_marker.values())).any(dim=0)  # (B, L)
+        media_index = any_marker.long().cumsum(dim=1)
+        batch, tokens = input_ids.shape[0], max((t.shape[1] for t in media.values() if t is not None), default=0)
+        per_row = int(media_index[:, -1].max()) if batch else 0
+        dim = self.markers["image"].shape[0]
+        states = torch.zeros(batch, max(per_row, 1), max(tokens, 1), dim, dtype=self.markers["image"].dtype,
+                             device=input_ids.device)
+        key_item = torch.zeros(batch, max(per_row, 1), max(tokens, 1), dtype=torch.long, device=input_ids.device)
+        taken = dict.fromkeys(MARKER_IDS, 0)
+        rows, cols = any_marker.nonzero(as_tuple=True)  # row-major: marker order within each row
+        for row, col in zip(rows.tolist(), cols.tolist()):
+            modality = next(m for m, mask in is_marker.items() if mask[row, col])
+            item = media[modality][taken[modality]]
+            taken[modality] += 1
+            slot = int(media_index[row, col]) - 1
+            states[row, slot, : item.shape[0]] = item.to(states.dtype)
+            key_item[row, slot, : item.shape[0]] = slot + 1
+        states, key_item = states.flatten(1, 2), key_item.flatten(1, 2)
+        keys, values = zip(*(block.keys_values(states) for block in self.blocks)) if len(self.blocks) else ((), ())
+        return MediaContext(list(keys), list(values), key_item, media_index)
+
+    @contextlib.contextmanager
+    def generation_inputs(self, inputs: dict) -> Iterator[dict]:
+        """``llm.generate`` accepts no extra keywords: the media context is set for the call instead."""
+        inputs = dict(inputs)
+        self._generation_context = inputs.pop("media_context")
+        try:
+            yield inputs
+        finally:
+            self._generation_context = None
