@@ -42,7 +42,7 @@ from .report import write_markdown, write_plots
 from .train import Trainer
 
 # one recipe per fusion type that exists, plus the Type-C connector variants
-DEFAULT_RECIPES = ("llava", "llava-1.5", "blip2", "qwen-audio")
+DEFAULT_RECIPES = ("openflamingo", "llava", "llava-1.5", "blip2", "qwen-audio")
 RECORD_FILE = "record.json"
 FLOP_BATCH = 4  # samples per FLOP measurement
 
@@ -51,7 +51,7 @@ FLOP_BATCH = 4  # samples per FLOP measurement
 class CompareSettings:
     """What every recipe of a comparison shares. ``budget``: training samples per recipe."""
 
-    budget: int = 16000
+    budget: int = 8000
     seed: int = 0
     eval_limit: int = 200  # samples per evaluation task
     curve_points: int = 4  # learning-curve evaluations after 0 samples

@@ -6,6 +6,7 @@ tokens, and what adding a modality costs. Every figure is measured on the real m
 from __future__ import annotations
 
 import copy
+import sys
 import dataclasses
 from typing import Any
 
@@ -57,14 +58,18 @@ def media_token_cost(
     apply_stage(model, stage)
     per_item = model.media_token_count(modality, tuple(model.media_processors[modality](item).shape))
     out = []
-    for n in items_per_sample:
-        sample = Sample(
-            id=f"cost-{n}",
-            messages=[Message("user", MARKERS[modality] * n + "\nDescribe."), Message("assistant", "yes")],
-            media={modality: [item] * n},
-        )
-        batch = model.collator()([model.processor(sample)])
-        out.append({"items": n, "media_tokens": n * per_item, "train_flops": train_flops(model, batch)})
+    max_length, model.processor.max_length = model.processor.max_length, sys.maxsize  # a measurement, not training data
+    try:
+        for n in items_per_sample:
+            sample = Sample(
+                id=f"cost-{n}",
+                messages=[Message("user", MARKERS[modality] * n + "\nDescribe."), Message("assistant", "yes")],
+                media={modality: [item] * n},
+            )
+            batch = model.collator()([model.processor(sample)])
+            out.append({"items": n, "media_tokens": n * per_item, "train_flops": train_flops(model, batch)})
+    finally:
+        model.processor.max_length = max_length
     return out
 
 

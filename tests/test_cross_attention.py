@@ -8,6 +8,8 @@ from conftest import tiny_config
 
 from mmfuse.config import ConnectorConfig, FusionConfig
 from mmfuse.data.schema import Message, Sample
+from mmfuse.eval.adapter import EvalAdapter
+from mmfuse.eval.metrics import perplexity
 from mmfuse.fusion.cross_attention import cross_attention_layers
 from mmfuse.model import MultimodalLM
 from mmfuse.train.config import StageConfig
@@ -115,6 +117,15 @@ def test_frozen_llm_is_bit_identical_after_a_step(tokenizer_dir, media_dir):
     assert [b.attn_gate.item() for b in model.fusion.blocks] != gates_before  # the zero gates get a gradient
 
 
+def test_text_perplexity_goes_through_the_blocks(tokenizer_dir):
+    model = _model(tokenizer_dir)
+    adapter, texts = EvalAdapter(model), ["a red circle at the top.", "two plus two is four."]
+    bare = perplexity(model.llm, model.tokenizer, texts)
+    assert adapter.text_perplexity(texts) == pytest.approx(bare, rel=1e-6)  # closed gates
+    _open_gates(model, attn=1.0, ff=1.0)
+    assert adapter.text_perplexity(texts) != pytest.approx(bare, rel=1e-3)  # the gated FFN runs on text too
+
+
 def test_placements():
     assert cross_attention_layers(8, 4, "openflamingo") == [3, 7]
     assert cross_attention_layers(8, 4, "idefics") == [0, 4]
@@ -136,5 +147,5 @@ def test_save_and_load_round_trip(tokenizer_dir, media_dir, tmp_path):
     model = _model(tokenizer_dir)
     _open_gates(model, 0.5, 0.5)
     model.save_pretrained(tmp_path / "m")
-    loaded = MultimodalLM.from_pretrained(tmp_path / "m")
+    loaded = MultimodalLM.from_pretrained(tmp_path / "m").to("cpu", torch.float32)  # nn.Module methods still work
     torch.testing.assert_close(_logits(model, [_two_images(media_dir)])[0], _logits(loaded, [_two_images(media_dir)])[0], rtol=0, atol=0)

@@ -45,7 +45,9 @@ def test_train_flops_count_the_backward_of_what_trains_and_change_nothing(tokeni
 
 def test_media_token_cost_grows_with_the_connector_tokens(tokenizer_dir, media_dir):
     model = MultimodalLM.from_config(tiny_config(tokenizer_dir))
+    model.processor.max_length = 12  # the probe samples are measured whatever the training length limit
     cost = media_token_cost(model, FULL, media_dir / "a.png", "image", (1, 2, 4))
+    assert model.processor.max_length == 12
     per_item = model.media_token_count("image", (3, 16, 16))
     assert [c["media_tokens"] for c in cost] == [per_item, 2 * per_item, 4 * per_item]
     flops = [c["train_flops"] for c in cost]

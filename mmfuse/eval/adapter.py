@@ -91,8 +91,9 @@ class EvalAdapter:
         return torch.cat(out)
 
     def text_perplexity(self, texts: list[str]) -> float:
-        """Perplexity of the LLM alone on plain text (no template, no media)."""
-        return perplexity(self.model.llm, self.model.tokenizer, texts, batch_size=self.batch_size)
+        """Perplexity of the fused model on plain text (no template, no media): what fusion did to the
+        LLM's text ability, including blocks that run on text (Type-A's gated feed-forward layers)."""
+        return perplexity(self.model, self.model.tokenizer, texts, batch_size=self.batch_size)
 
 
 class _eval_mode:

@@ -187,7 +187,7 @@ def _pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor
 
 def _batch_nll(model, input_ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor) -> tuple[float, int]:
     """Summed next-token NLL and number of predicted tokens in one batch."""
-    device = model.device
+    device = next(model.parameters()).device
     logits = model(input_ids=input_ids.to(device), attention_mask=mask.to(device)).logits
     targets = labels[:, 1:].to(device)
     nll = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), targets.flatten(), ignore_index=-100,

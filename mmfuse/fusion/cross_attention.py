@@ -158,13 +158,13 @@ class CrossAttentionFusion(FusionStrategy):
             if block is None or context is None:
                 return args, kwargs
             if args:
-                return (self._apply(block, args[0], context), *args[1:]), kwargs
-            kwargs["hidden_states"] = self._apply(block, kwargs["hidden_states"], context)
+                return (self._run_block(block, args[0], context), *args[1:]), kwargs
+            kwargs["hidden_states"] = self._run_block(block, kwargs["hidden_states"], context)
             return args, kwargs
 
         return run
 
-    def _apply(self, block: int, hidden: torch.Tensor, context: MediaContext) -> torch.Tensor:
+    def _run_block(self, block: int, hidden: torch.Tensor, context: MediaContext) -> torch.Tensor:
         index, extra = context.media_index, hidden.shape[1] - context.media_index.shape[1]
         if extra < 0:  # a cached decode step: the new tokens follow the prompt's last media item
             index = index[:, -1:].expand(-1, hidden.shape[1])
