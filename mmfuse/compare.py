@@ -219,7 +219,8 @@ def run_comparison(
         raise ValueError(f"unknown recipe(s) {unknown}; built-in recipes: {', '.join(list_recipes())}")
     records = []
     for i, name in enumerate(recipes):
-        run_dir = out / "runs" / Path(name).stem
+        label = recipe_label(name)
+        run_dir = out / "runs" / label
         run_dir.mkdir(parents=True, exist_ok=True)
         job_path = run_dir / "job.json"
         job_path.write_text(json.dumps(dataclasses.asdict(Job(name, str(data), str(run_dir), settings)), indent=2))
@@ -233,7 +234,7 @@ def run_comparison(
             record = json.loads(record_path.read_text())
         else:
             tail = (run_dir / "stderr.log").read_text().strip().splitlines()[-15:]
-            record = {"recipe": Path(name).stem, "survey_type": _survey_type(name), "error": "\n".join(tail) or f"exit code {code}"}
+            record = {"recipe": label, "survey_type": _survey_type(name), "error": "\n".join(tail) or f"exit code {code}"}
             log(f"{name} failed: {tail[-1] if tail else code}")
         record["wall_seconds"] = time.monotonic() - start
         records.append(record)
@@ -242,6 +243,11 @@ def run_comparison(
     write_markdown(report, out / "report.md")
     write_plots(report, out)
     return records
+
+
+def recipe_label(name: str) -> str:
+    """A built-in recipe's name, or a recipe file's stem."""
+    return Path(name).stem if Path(name).suffix in (".yaml", ".yml") else name
 
 
 def _survey_type(name: str) -> str | None:
@@ -255,7 +261,7 @@ def _main(job_path: str) -> None:
     job = json.loads(Path(job_path).read_text())
     job = Job(job["recipe"], job["data"], job["out"], CompareSettings(**{**job["settings"], "media_items": tuple(job["settings"]["media_items"])}))
     try:
-        record = run_recipe(job, log=lambda text: print(f"  {Path(job.recipe).stem}: {text}", flush=True))
+        record = run_recipe(job, log=lambda text: print(f"  {recipe_label(job.recipe)}: {text}", flush=True))
     except Exception:
         traceback.print_exc()
         sys.exit(1)

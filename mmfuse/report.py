@@ -27,22 +27,36 @@ def _ok(records: list[Record]) -> list[Record]:
     return [r for r in records if "error" not in r]
 
 
+def _comparable(records: list[Record]) -> list[Record]:
+    """The successful records on the learning-curve task most fusion types share (types are compared
+    on the same modality and data, never image recipes against audio ones)."""
+    ok = _ok(records)
+    tasks = {r["curve_task"] for r in ok}
+    if not tasks:
+        return []
+    best = max(sorted(tasks), key=lambda t: len({r["survey_type"] for r in ok if r["curve_task"] == t}))
+    return [r for r in ok if r["curve_task"] == best]
+
+
 def _by_type(records: list[Record], value: Callable[[Record], float]) -> dict[str, float]:
-    """Mean of ``value`` per survey type."""
+    """Mean of ``value`` per survey type, over the comparable records."""
     types: dict[str, list[float]] = {}
-    for r in _ok(records):
+    for r in _comparable(records):
         types.setdefault(r["survey_type"], []).append(value(r))
     return {t: mean(v) for t, v in sorted(types.items())}
 
 
-def _order_verdict(values: dict[str, float], expected: str, what: str) -> tuple[str, str]:
-    """Does ``values`` (per type) rise in the order ``expected`` ("CBAD": C lowest) for the types present?"""
+def _order_verdict(values: dict[str, float], expected: str, what: str, best_first: bool = False) -> tuple[str, str]:
+    """Does ``values`` (per type) rise in the order ``expected`` ("CBAD": C lowest) for the types
+    present (``best_first``: fall in that order)?"""
     present = [t for t in expected if t in values]
     if len(present) < 2:
         return "not testable", f"needs two fusion types; measured only {', '.join(values) or 'none'}"
-    ranked = sorted(present, key=values.get)
+    ranked = sorted(present, key=values.get, reverse=best_first)
     verdict = "agrees" if ranked == present else "disagrees"
-    return verdict, f"{what}, lowest first: " + " < ".join(f"{t} {values[t]:.3g}" for t in ranked)
+    order, sign = ("highest first", " > ") if best_first else ("lowest first", " < ")
+    return verdict, f"{what}, {order}: " + sign.join(f"{t} {values[t]:.3g}" for t in ranked) + \
+        " (type means over the recipes on the same task)"
 
 
 def _slope(cost: list[dict[str, float]]) -> float:
@@ -75,7 +89,7 @@ AXES: list[tuple[str, str, Callable[[Record], str], Callable[[list[Record]], tup
         "C needs the least (align a connector, then instruction-tune); A and D need large corpora",
         lambda r: f"{r['curve_task']} {_final_accuracy(r):.1%} after {r['budget']['samples']} samples "
                   "(curve: " + ", ".join(f"{p['accuracy']:.0%}" for p in r["curve"]) + ")",
-        lambda rs: _order_verdict(_by_type(rs, lambda r: -_final_accuracy(r)), "CBAD", "minus accuracy at equal budget"),
+        lambda rs: _order_verdict(_by_type(rs, _final_accuracy), "CBAD", "accuracy at equal budget", best_first=True),
     ),
     (
         "Architecture complexity",
