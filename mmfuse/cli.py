@@ -205,7 +205,7 @@ def info(target: str = typer.Argument(..., help="A model directory or a recipe n
         row = [f"{sum(p.numel() for _, p in params):,}"]
         for stage, ids in zip(stages, selected):
             count = sum(p.numel() for _, p in params if id(p) in ids)
-            lora = " + LoRA" if group in ("llm", "total") and stage.lora else ""
+            lora = " + LoRA" if (group in stage.lora or group == "total") and stage.lora else ""
             row.append(f"{count:,}{lora}")
         table.add_row(group, *row)
     Console().print(table)

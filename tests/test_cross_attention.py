@@ -13,6 +13,7 @@ from mmfuse.eval.metrics import perplexity
 from mmfuse.fusion.cross_attention import cross_attention_layers
 from mmfuse.model import MultimodalLM
 from mmfuse.train.config import StageConfig
+from mmfuse.train.lora import has_lora, lora_parameters, merge_lora
 from mmfuse.train.stage import apply_stage
 
 
@@ -124,6 +125,36 @@ def test_text_perplexity_goes_through_the_blocks(tokenizer_dir):
     assert adapter.text_perplexity(texts) == pytest.approx(bare, rel=1e-6)  # closed gates
     _open_gates(model, attn=1.0, ff=1.0)
     assert adapter.text_perplexity(texts) != pytest.approx(bare, rel=1e-3)  # the gated FFN runs on text too
+
+
+def test_lora_on_self_and_cross_attention_merges_back(tokenizer_dir, media_dir):
+    """MultiModal-GPT: LoRA on the LLM's attention and on the cross-attention blocks; base weights frozen."""
+    model = _model(tokenizer_dir).train()
+    _open_gates(model, 0.5, 0.5)
+    stage = StageConfig(name="lora", lora=["llm", "fusion"], data=["d"], steps=1, lr=1e-2,
+                        lora_target_modules=["q_proj", "v_proj", "to_q", "to_k", "to_v", "to_out", "ff.1", "ff.3"])
+    params = apply_stage(model, stage)
+    names = [n for n, _ in lora_parameters(model)]
+    assert any(n.startswith("fusion.blocks.0.to_k") for n in names) and any(n.startswith("llm.") for n in names)
+    assert any(n.startswith("fusion.blocks.0.ff.1") for n in names)
+    base = {n: p.clone() for n, p in model.named_parameters() if "lora_" not in n}
+    optimizer = torch.optim.SGD(params, lr=1.0)
+    batch = model.collator()([model.processor(_two_images(media_dir))])
+    model(**batch).loss.backward()
+    optimizer.step()
+    with torch.no_grad():
+        for module in model.modules():  # make the update visible: lora_B starts at zero
+            if hasattr(module, "lora_B"):
+                module.lora_B["default"].weight.normal_(std=0.1)
+    assert all(torch.equal(p, base[n]) for n, p in model.named_parameters() if n in base)
+    model.eval()
+    with torch.no_grad():
+        adapted = model(**batch).logits
+    merge_lora(model.llm)
+    merge_lora(model.fusion)
+    assert not has_lora(model.llm) and not has_lora(model.fusion)
+    with torch.no_grad():
+        torch.testing.assert_close(model(**batch).logits, adapted, rtol=1e-4, atol=1e-5)
 
 
 def test_placements():

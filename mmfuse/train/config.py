@@ -14,7 +14,7 @@ from mmfuse.config import JsonConfig
 
 MIXED_PRECISION = ("no", "bf16", "fp16")
 LR_SCHEDULES = ("cosine", "linear", "constant_with_warmup", "warmup_stable_decay")
-LORA_GROUPS = ("llm",)
+LORA_GROUPS = ("llm", "fusion")
 
 
 @dataclass(kw_only=True)

@@ -1,4 +1,5 @@
-"""LoRA on the LLM through peft, injected in place so ``model.llm`` stays a plain Hugging Face model.
+"""LoRA through peft on the LLM and on the fusion modules (Type-A's cross-attention blocks, as
+MultiModal-GPT does), injected in place so ``model.llm`` stays a plain Hugging Face model.
 
 ``inject_adapter_in_model`` swaps each targeted layer for a peft LoRA layer (the original weight
 becomes ``<layer>.base_layer.weight``, the adapters ``<layer>.lora_A.default.weight`` and
@@ -18,27 +19,26 @@ from mmfuse.train.config import StageConfig
 LORA_MARKER = "lora_"  # peft's prefix for every LoRA parameter name
 
 
-def add_lora(llm: nn.Module, stage: StageConfig) -> None:
-    """Inject the stage's LoRA adapters into ``llm`` in place (new adapters draw from torch's RNG)."""
-    if has_lora(llm):
-        raise ValueError(f"stage {stage.name!r}: the LLM already carries LoRA adapters; merge them first")
+def add_lora(module: nn.Module, stage: StageConfig) -> None:
+    """Inject the stage's LoRA adapters into ``module`` in place (new adapters draw from torch's RNG)."""
+    if has_lora(module):
+        raise ValueError(f"stage {stage.name!r}: the module already carries LoRA adapters; merge them first")
     config = LoraConfig(
         r=stage.lora_r,
         lora_alpha=stage.lora_alpha,
         lora_dropout=stage.lora_dropout,
         target_modules=stage.lora_target_modules,
     )
-    inject_adapter_in_model(config, llm)
+    inject_adapter_in_model(config, module)
 
 
-def has_lora(llm: nn.Module) -> bool:
-    return any(isinstance(m, LoraLayer) for m in llm.modules())
+def has_lora(module: nn.Module) -> bool:
+    return any(isinstance(m, LoraLayer) for m in module.modules())
 
 
 def lora_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
-    """The LoRA parameters inside ``model.llm``, by their full names in ``model``."""
-    in_llm = {id(p) for p in model.llm.parameters()}
-    return [(n, p) for n, p in model.named_parameters() if LORA_MARKER in n and id(p) in in_llm]
+    """Every LoRA parameter in ``model``, by its full name."""
+    return [(n, p) for n, p in model.named_parameters() if LORA_MARKER in n]
 
 
 def merge_lora(llm: nn.Module) -> None:

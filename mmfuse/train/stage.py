@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from mmfuse.train.config import StageConfig
+from mmfuse.train.config import LORA_GROUPS, StageConfig
 from mmfuse.train.lora import add_lora, has_lora, lora_parameters
 
 
@@ -32,12 +32,15 @@ def apply_stage(model: nn.Module, stage: StageConfig) -> list[nn.Parameter]:
     """Freeze everything, then unfreeze the stage's ``train`` groups and inject (and unfreeze) its
     LoRA adapters. Returns the trainable parameters in ``named_parameters()`` order."""
     resolve_groups(model, stage.train + stage.lora)  # fail on unknown names before touching the model
-    if stage.lora:
-        if not has_lora(model.llm):
-            add_lora(model.llm, stage)
-    elif has_lora(model.llm):
-        raise ValueError(f"stage {stage.name!r}: the LLM still carries LoRA adapters; merge_lora(model.llm) first")
-    lora = lora_parameters(model) if stage.lora else []
+    for group in LORA_GROUPS:
+        module = getattr(model, group, None)
+        if module is None:
+            continue
+        if group in stage.lora and not has_lora(module):
+            add_lora(module, stage)
+        elif group not in stage.lora and has_lora(module):
+            raise ValueError(f"stage {stage.name!r}: model.{group} still carries LoRA adapters; merge_lora(model.{group}) first")
+    lora = lora_parameters(model)
     trainable = {id(p) for _, p in group_parameters(model, stage.train) + lora}
     for p in model.parameters():
         p.requires_grad_(id(p) in trainable)

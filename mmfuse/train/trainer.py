@@ -228,8 +228,8 @@ class Trainer:
                 self._log(accelerator, stage, pos, loss=mean_loss, lr=lr, grad_norm=float(grad_norm))
             if pos.stage_step == stage.steps:
                 self.model = accelerator.unwrap_model(model, keep_fp32_wrapper=False)  # also drops the autocast
-                if stage.lora:
-                    merge_lora(self.model.llm)
+                for group in stage.lora:
+                    merge_lora(self.model.get_submodule(group))
                 pos.stage_done = True
                 self._save(accelerator, pos)
             elif pos.global_step % self.config.save_every == 0:
