@@ -118,6 +118,12 @@ class ConnectorConfig(JsonConfig):
     suit the qformer; Flamingo's perceiver uses depth 6, 8 heads and 64 latents, which belong in a
     recipe, not here. ``max_frames`` > 0 gives the perceiver a learned embedding per video frame index
     (up to that many frames); 0 means none, and the frames are then an unordered set of tokens.
+
+    ``kind="windows"`` is Audio Flamingo's sliding-window transformation: windows of ``window`` encoder
+    output frames, starting every ``hop`` frames (``1 + (frames - window) // hop`` windows per item),
+    one mean embedding per window plus a learned window-position embedding (up to 64 windows), then
+    ``depth`` pre-norm Transformer encoder layers with ``num_heads`` heads (Audio Flamingo: 3 and 8).
+    ``window`` and ``hop`` count frames after ``pool_stride`` pooling and are used only by this kind.
     """
 
     kind: str = "linear"
@@ -129,6 +135,8 @@ class ConnectorConfig(JsonConfig):
     cross_attention_every: int = 2  # qformer: cross-attention in every n-th block (BLIP-2: 2)
     num_latents: int = 64  # perceiver: learned latents = tokens per item (Flamingo: 64)
     max_frames: int = 0  # perceiver: frame embeddings for up to this many video frames; 0 = none
+    window: int = 0  # windows: encoder output frames per window
+    hop: int = 0  # windows: frames between the starts of consecutive windows
     boundary_tokens: bool = False
     input_norm: bool = False
 

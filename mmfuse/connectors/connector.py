@@ -9,6 +9,7 @@ from ..config import ConnectorConfig
 from .perceiver import PerceiverResampler
 from .projector import build_projector
 from .qformer import QFormerResampler
+from .windows import SlidingWindowTransformer
 
 
 class Connector(nn.Module):
@@ -17,7 +18,8 @@ class Connector(nn.Module):
     ``pool_stride`` average-pools along the token axis first (Qwen-Audio: 2); ``boundary_tokens``
     wraps every item in learned begin/end vectors (Qwen-Audio's audio BOS/EOS), so the item takes
     two more positions. ``kind="perceiver"`` is a Flamingo perceiver resampler; for video it takes
-    ``frames`` to add its frame embeddings (the other kinds ignore ``frames``).
+    ``frames`` to add its frame embeddings (the other kinds ignore ``frames``). ``kind="windows"`` is
+    Audio Flamingo's sliding-window transformer: one token per window of ``window`` frames every ``hop``.
     """
 
     def __init__(self, cfg: ConnectorConfig, encoder_dim: int, llm_dim: int):
@@ -44,6 +46,20 @@ class Connector(nn.Module):
                 depth=cfg.depth,
                 num_heads=cfg.num_heads,
                 max_frames=cfg.max_frames,
+            )
+        elif cfg.kind == "windows":
+            if cfg.window < 1 or cfg.hop < 1:
+                raise ValueError(
+                    f"connector kind 'windows' needs window >= 1 and hop >= 1 (encoder frames), "
+                    f"got window {cfg.window}, hop {cfg.hop}"
+                )
+            self.core = SlidingWindowTransformer(
+                encoder_dim,
+                llm_dim,
+                window=cfg.window,
+                hop=cfg.hop,
+                depth=cfg.depth,
+                num_heads=cfg.num_heads,
             )
         else:
             self.core = build_projector(cfg.kind, encoder_dim, llm_dim)
