@@ -95,3 +95,12 @@ def media_dir(tmp_path) -> Path:
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+def assert_every_parameter_gets_a_gradient(module: torch.nn.Module, names: set[str]) -> None:
+    """``names`` are among the module's parameters, and every parameter has a non-zero gradient."""
+    params = dict(module.named_parameters())
+    assert names <= set(params), names - set(params)
+    for name, p in params.items():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+

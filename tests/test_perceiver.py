@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import TINY_VIT, tiny_config
+from conftest import TINY_VIT, assert_every_parameter_gets_a_gradient, tiny_config
 
 from mmfuse.config import ConnectorConfig, EncoderConfig
 from mmfuse.connectors import Connector, PerceiverResampler
@@ -99,10 +99,7 @@ def test_bad_frames_raise():
 def test_gradients_reach_every_parameter():
     model = _resampler(max_frames=3).train()
     model(torch.randn(2, 6, 8), frames=3).pow(2).sum().backward()
-    names = dict(model.named_parameters())
-    assert {"latents", "frame_embeddings", "proj.weight", "out_norm.weight"} <= set(names)
-    for name, p in names.items():
-        assert p.grad is not None and p.grad.abs().sum() > 0, name
+    assert_every_parameter_gets_a_gradient(model, {"latents", "frame_embeddings", "proj.weight", "out_norm.weight"})
 
 
 def test_connector_builds_the_perceiver_and_forwards_frames():

@@ -28,41 +28,7 @@ class Connector(nn.Module):
             raise ValueError(f"connector pool_stride must be >= 1, got {cfg.pool_stride}")
         self.pool_stride = cfg.pool_stride
         self.input_norm = nn.LayerNorm(encoder_dim) if cfg.input_norm else None
-        if cfg.kind == "qformer":
-            self.core = QFormerResampler(
-                encoder_dim,
-                llm_dim,
-                num_queries=cfg.num_queries,
-                width=cfg.hidden_size,
-                depth=cfg.depth,
-                num_heads=cfg.num_heads,
-                cross_attention_every=cfg.cross_attention_every,
-            )
-        elif cfg.kind == "perceiver":
-            self.core = PerceiverResampler(
-                encoder_dim,
-                llm_dim,
-                num_latents=cfg.num_latents,
-                depth=cfg.depth,
-                num_heads=cfg.num_heads,
-                max_frames=cfg.max_frames,
-            )
-        elif cfg.kind == "windows":
-            if cfg.window < 1 or cfg.hop < 1:
-                raise ValueError(
-                    f"connector kind 'windows' needs window >= 1 and hop >= 1 (encoder frames), "
-                    f"got window {cfg.window}, hop {cfg.hop}"
-                )
-            self.core = SlidingWindowTransformer(
-                encoder_dim,
-                llm_dim,
-                window=cfg.window,
-                hop=cfg.hop,
-                depth=cfg.depth,
-                num_heads=cfg.num_heads,
-            )
-        else:
-            self.core = build_projector(cfg.kind, encoder_dim, llm_dim)
+        self.core = build_core(cfg, encoder_dim, llm_dim)
         self.boundary = nn.Parameter(torch.randn(2, llm_dim) * 0.02) if cfg.boundary_tokens else None
 
     def forward(self, features: torch.Tensor, frames: int = 1) -> torch.Tensor:
@@ -86,3 +52,21 @@ class Connector(nn.Module):
             end = self.boundary[1].expand(n, 1, -1).to(out.dtype)
             out = torch.cat([begin, out, end], dim=1)
         return out
+
+
+def build_core(cfg: ConnectorConfig, encoder_dim: int, llm_dim: int) -> nn.Module:
+    """The connector's resampler or projector for ``cfg.kind``."""
+    if cfg.kind == "qformer":
+        return QFormerResampler(encoder_dim, llm_dim, num_queries=cfg.num_queries, width=cfg.hidden_size, depth=cfg.depth,
+                                num_heads=cfg.num_heads, cross_attention_every=cfg.cross_attention_every)
+    if cfg.kind == "perceiver":
+        return PerceiverResampler(encoder_dim, llm_dim, num_latents=cfg.num_latents, depth=cfg.depth, num_heads=cfg.num_heads,
+                                  max_frames=cfg.max_frames)
+    if cfg.kind == "windows":
+        if cfg.window < 1 or cfg.hop < 1:
+            raise ValueError(f"connector kind 'windows' needs window >= 1 and hop >= 1 (encoder frames), "
+                             f"got window {cfg.window}, hop {cfg.hop}")
+        return SlidingWindowTransformer(encoder_dim, llm_dim, window=cfg.window, hop=cfg.hop, depth=cfg.depth,
+                                        num_heads=cfg.num_heads)
+    return build_projector(cfg.kind, encoder_dim, llm_dim)
+

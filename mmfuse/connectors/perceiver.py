@@ -98,8 +98,10 @@ class PerceiverResampler(nn.Module):
         if head_dim < 1:
             raise ValueError(f"perceiver: head_dim must be at least 1 (feature_dim {feature_dim}, num_heads {num_heads})")
         self.max_frames = max_frames
-        self.latents = nn.Parameter(torch.randn(num_latents, feature_dim) * 0.02)
-        self.frame_embeddings = nn.Parameter(torch.randn(max_frames, feature_dim) * 0.02) if max_frames else None
+        # unit-variance init as OpenFlamingo: at the scale of the (layer-normalised) features, so the frame
+        # embeddings are not drowned out and frames stay distinguishable from the first step
+        self.latents = nn.Parameter(torch.randn(num_latents, feature_dim))
+        self.frame_embeddings = nn.Parameter(torch.randn(max_frames, feature_dim)) if max_frames else None
         self.layers = nn.ModuleList(PerceiverLayer(feature_dim, num_heads, head_dim, ff_mult) for _ in range(depth))
         self.out_norm = nn.LayerNorm(feature_dim)
         self.proj = nn.Linear(feature_dim, out_dim)
