@@ -81,6 +81,7 @@ class LLMConfig(JsonConfig):
     hf_config: dict[str, Any] | None = None
     tokenizer: str | None = None  # defaults to name_or_path
     dtype: str = "float32"
+    add_tokens: list[str] = field(default_factory=list)  # special tokens added to the vocabulary (Otter's <answer>)
 
 
 @dataclass

@@ -18,6 +18,7 @@ from torch import nn
 
 from .backbones.encoders import MediaEncoder
 from .backbones.loading import (
+    add_tokens,
     config_dict,
     load_encoder_model,
     load_llm,
@@ -70,8 +71,9 @@ class MultimodalLM(nn.Module):
         """Build from backbones named in ``config`` (pretrained weights when paths are given)."""
         config = copy.deepcopy(config)
         llm = load_llm(config.llm)
-        config.llm.hf_config = config_dict(llm.config)
         tokenizer = load_tokenizer(config.llm)
+        add_tokens(llm, tokenizer, config.llm.add_tokens)
+        config.llm.hf_config = config_dict(llm.config)
         encoders, processors = {}, {}
         for modality, enc_cfg in config.encoders.items():
             model = load_encoder_model(enc_cfg)
@@ -91,6 +93,7 @@ class MultimodalLM(nn.Module):
         config = MultimodalConfig.from_dict(json.loads((directory / CONFIG_NAME).read_text())["model"])
         llm = load_llm(config.llm)
         tokenizer = load_tokenizer(config.llm, fallback=str(directory))
+        add_tokens(llm, tokenizer, config.llm.add_tokens)  # saved with them: nothing to add
         encoders, processors = {}, {}
         for modality, enc_cfg in config.encoders.items():
             model = load_encoder_model(enc_cfg)
@@ -115,11 +118,17 @@ class MultimodalLM(nn.Module):
 
     # -- components -------------------------------------------------------------------------------
     def parameter_groups(self) -> dict[str, list[tuple[str, nn.Parameter]]]:
-        """Parameters by component: ``llm``, ``encoders.<m>``, ``connectors.<m>``, ``fusion``."""
+        """Parameters by component: ``llm`` (``llm.embeddings``: the input embeddings, ``llm.head``: an
+        untied output layer, ``llm``: the rest), ``encoders.<m>``, ``connectors.<m>``, ``fusion``."""
+        embeddings = {id(p) for p in self.llm.get_input_embeddings().parameters()}
+        head = {id(p) for p in (self.llm.get_output_embeddings() or nn.Identity()).parameters()} - embeddings
         groups: dict[str, list[tuple[str, nn.Parameter]]] = {}
         for name, param in self.named_parameters():
-            head = name.split(".", 2)
-            key = head[0] if head[0] in ("llm", "fusion") else f"{head[0]}.{head[1]}"
+            head_name = name.split(".", 2)
+            if head_name[0] == "llm":
+                key = "llm.embeddings" if id(param) in embeddings else "llm.head" if id(param) in head else "llm"
+            else:
+                key = "fusion" if head_name[0] == "fusion" else f"{head_name[0]}.{head_name[1]}"
             groups.setdefault(key, []).append((name, param))
         return groups
 

@@ -80,12 +80,13 @@ def test_builtin_recipes_load_with_their_survey_type():
     assert blip2.model.connectors["image"].num_queries == 32 and all("llm" not in s.train for s in blip2.train.stages)
     audio = load_recipe("qwen-audio").model.connectors["audio"]
     assert audio.pool_stride == 2 and audio.boundary_tokens
-    type_a = ["flamingo", "openflamingo", "idefics", "multimodal-gpt", "dolphins", "audio-flamingo"]
+    type_a = ["flamingo", "openflamingo", "idefics", "multimodal-gpt", "dolphins", "audio-flamingo", "otter"]
     assert all(load_recipe(n).survey_type == "A" and load_recipe(n).model.fusion.type == "A" for n in type_a)
     assert load_recipe("idefics").model.fusion.options["placement"] == "idefics"
     assert load_recipe("audio-flamingo").model.fusion.options["media_attention"] == "all_previous"
     assert load_recipe("multimodal-gpt").train.stages[1].lora == ["llm", "fusion"]
     assert load_recipe("dolphins").model.connectors["video"].max_frames == 8
+    assert load_recipe("otter").model.llm.add_tokens == ["<answer>", "<|endofchunk|>"]
 
 
 def test_unknown_recipe_lists_the_builtins():

@@ -12,6 +12,8 @@ from mmfuse.config import ConnectorConfig, EncoderConfig
 from mmfuse.data.schema import Message, Sample
 from mmfuse.fusion import PLACEHOLDER_IDS
 from mmfuse.model import MultimodalLM
+from mmfuse.train.config import StageConfig
+from mmfuse.train.stage import apply_stage
 
 
 def _sample(media_dir, sid="s0", answer="red", image="a.png"):
@@ -110,7 +112,10 @@ def test_sampling_is_seeded(tokenizer_dir, media_dir):
 def test_parameter_groups_cover_every_parameter(tokenizer_dir):
     model = MultimodalLM.from_config(tiny_config(tokenizer_dir, audio="linear"))
     groups = model.parameter_groups()
-    assert set(groups) == {"llm", "encoders.image", "encoders.audio", "connectors.image", "connectors.audio"}
+    assert set(groups) == {"llm", "llm.embeddings", "llm.head", "encoders.image", "encoders.audio", "connectors.image",
+                           "connectors.audio"}
+    assert groups["llm.embeddings"] == [("llm.model.embed_tokens.weight", model.llm.get_input_embeddings().weight)]
+    assert groups["llm.head"] == [("llm.lm_head.weight", model.llm.get_output_embeddings().weight)]  # untied here
     assert sum(len(v) for v in groups.values()) == len(list(model.parameters()))
     counts = model.parameter_counts()
     assert counts["all"]["total"] == sum(p.numel() for p in model.parameters())
@@ -124,3 +129,33 @@ def test_encoder_feature_layer_is_used(tokenizer_dir, media_dir):
         hidden = model.encoders["image"].model(pixel_values=pixels, output_hidden_states=True).hidden_states
         assert torch.equal(model.encoders["image"](pixels), hidden[-2][:, 1:])
     assert TINY_VIT["num_hidden_layers"] + 1 == len(hidden)
+
+
+OTTER_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'assistant' %} {{ m['content'] }}<|endofchunk|>"
+    "{% else %}User: {{ m['content'] }} GPT:<answer>{% endif %}{% endfor %}"
+)
+
+
+def test_added_tokens_grow_the_vocabulary_and_survive_save_load(tokenizer_dir, media_dir, tmp_path):
+    base = len(MultimodalLM.from_config(tiny_config(tokenizer_dir)).tokenizer)
+    cfg = tiny_config(tokenizer_dir, audio="linear", chat_template=OTTER_TEMPLATE, vocab_size=base)  # no spare rows: must grow
+    cfg.llm.add_tokens = ["<answer>", "<|endofchunk|>"]
+    model = MultimodalLM.from_config(cfg)
+    tok = model.tokenizer
+    end = tok.convert_tokens_to_ids("<|endofchunk|>")
+    assert end == base + 1 and tok.convert_tokens_to_ids("<answer>") == base
+    assert len(tok) == model.llm.get_input_embeddings().num_embeddings == model.llm.config.vocab_size == base + 2
+    assert end in model.processor.stop_token_ids  # the template's end of turn, found after " <reply>"
+    encoded = model.processor(_sample(media_dir))
+    labelled = [i for i, label in zip(encoded.input_ids, encoded.labels) if label != -100]
+    assert labelled[-1] == end and tok.decode(labelled, skip_special_tokens=True).strip() == "red"
+    # training only the embeddings (Otter's new rows) leaves the rest of the LLM as it was
+    params = apply_stage(model, StageConfig(name="e", train=["llm.embeddings"], data=["d"], steps=1, lr=1.0))
+    assert params == [model.llm.get_input_embeddings().weight]
+    model.save_pretrained(tmp_path / "m")
+    loaded = MultimodalLM.from_pretrained(tmp_path / "m")
+    assert len(loaded.tokenizer) == base + 2
+    batch = model.collator()([model.processor(_sample(media_dir))])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**batch).logits, model.eval()(**batch).logits, rtol=0, atol=0)

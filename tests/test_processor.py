@@ -95,6 +95,9 @@ def test_media_errors_name_sample_and_field(tokenizer_dir, media_dir):
     for media, marker, pattern in cases:
         with pytest.raises(ValueError, match=pattern):
             model.processor(Sample("m", [Message("user", marker), Message("assistant", "x")], media))
+    image_only = MultimodalLM.from_config(tiny_config(tokenizer_dir))
+    with pytest.raises(ValueError, match="sample 'm': field 'audio' has media but the model has no audio encoder"):
+        image_only.processor(Sample("m", [Message("user", "<audio>"), Message("assistant", "x")], {"audio": [media_dir / "a.wav"]}))
 
 
 def test_images_become_rgb_and_non_square_images_are_padded(tokenizer_dir, media_dir):

@@ -64,6 +64,14 @@ def load_tokenizer(cfg: LLMConfig, fallback: str | None = None):
     return tokenizer
 
 
+def add_tokens(llm: transformers.PreTrainedModel, tokenizer, tokens: list[str]) -> None:
+    """Add ``tokens`` as special tokens (skipped when decoding) and grow the LLM's embeddings to match;
+    tokens already in the vocabulary are left as they are."""
+    tokenizer.add_tokens([t for t in tokens if t not in tokenizer.get_vocab()], special_tokens=True)
+    if len(tokenizer) > llm.get_input_embeddings().num_embeddings:
+        llm.resize_token_embeddings(len(tokenizer))
+
+
 def load_encoder_model(cfg: EncoderConfig) -> transformers.PreTrainedModel:
     """The HF model behind one modality's encoder (whole model; :mod:`encoders` picks the tower)."""
     if cfg.hf_config is not None:

@@ -106,7 +106,8 @@ class Processor:
         probe = [Message("user", "hi"), Message("assistant", "ok")]
         full = self.render(probe)
         prompt = self.render(probe[:1], add_generation_prompt=True)
-        tail = full[len(prompt) + len("ok"):] if full.startswith(prompt + "ok") else ""
+        reply = full[len(prompt):] if full.startswith(prompt) else ""
+        tail = reply[reply.find("ok") + len("ok"):] if "ok" in reply else ""  # the template may put a space before it
         tail_ids = self.tokenizer(tail, add_special_tokens=False)["input_ids"] if tail.strip() else []
         if tail_ids:
             ids.add(tail_ids[0])
@@ -115,14 +116,14 @@ class Processor:
     # -- samples ------------------------------------------------------------------------------
     def __call__(self, sample: Sample, for_generation: bool = False) -> Encoded | None:
         sample.validate()
+        missing = sorted({m for m, items in sample.media.items() if items} - set(self.media_processors))
+        if missing:
+            raise ValueError(f"sample {sample.id!r}: field {missing[0]!r} has media but the model has no {missing[0]} encoder")
         media = {
             modality: [self.media_processors[modality](item, sample.id, i) for i, item in enumerate(items)]
             for modality, items in sample.media.items()
             if items
         }
-        missing = sorted(set(media) - set(self.media_processors))
-        if missing:
-            raise ValueError(f"sample {sample.id!r}: field {missing[0]!r} has media but the model has no {missing[0]} encoder")
         if for_generation:
             messages, _ = sample.prompt_and_answer() if sample.messages[-1].role == "assistant" else (sample.messages, "")
             text, spans = self.render(messages, add_generation_prompt=True), []
