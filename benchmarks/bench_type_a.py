@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import statistics
 import sys
 import tempfile
 import time
@@ -293,7 +292,7 @@ def hf_generate(model, batch, new_tokens):
 
 
 def contender(name: str, model, batch: dict) -> Contender:
-    gen = ours_generate if name == MMFUSE else hf_generate
+    gen = ours_generate if name.startswith(MMFUSE) else hf_generate
     return Contender(name, model, lambda n, g, b=batch: rows(b, n, g), loss, gen)
 
 
