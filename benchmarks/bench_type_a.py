@@ -177,7 +177,8 @@ def parameter_groups(name: str, model) -> dict[str, dict[str, int]]:
     def group(key: str) -> str:
         if name == MMFUSE:
             head = key.split(".", 1)[0]
-            return {"encoders": "vision", "connectors": "resampler", "fusion": "cross-attention"}.get(head, "text decoder")
+            groups = {"encoders": "vision", "connectors": "resampler", "fusion": "cross-attention"}
+            return groups.get(head, "text decoder")
         if key.startswith("model.vision_model."):
             return "vision"
         if key.startswith(("model.multi_modal_projector.", "model.perceiver_resampler.")):
@@ -207,7 +208,8 @@ def media_tokens(name: str, model, device: torch.device) -> int:
             aspect_ratio_mask=torch.ones(1, 1, 1, dtype=torch.long, device=device),
         ).last_hidden_state  # (1, images, tiles, tokens, vision_output_dim)
         return states.shape[2] * states.shape[3]
-    features = model.model.vision_model(pixel_values=torch.zeros(1, 3, IMAGE_SIZE, IMAGE_SIZE, device=device)).last_hidden_state
+    pixels = torch.zeros(1, 3, IMAGE_SIZE, IMAGE_SIZE, device=device)
+    features = model.model.vision_model(pixel_values=pixels).last_hidden_state
     return model.model.perceiver_resampler(features).shape[1]
 
 
@@ -339,6 +341,9 @@ def bench_size(size: str, args, device: torch.device, tokenizer_dir: Path) -> di
             MLLAMA: models[MLLAMA].config.text_config._attn_implementation,
             IDEFICS: models[IDEFICS].config._attn_implementation}
     assert len(set(blocks.values())) == 1, f"cross-attention block counts differ: {blocks}"
+    # 64 perceiver latents for mmfuse and IDEFICS; mllama: one tile of 64 patches + CLS
+    assert tokens[MMFUSE] == tokens[IDEFICS] == LATENTS, tokens
+    assert tokens[MLLAMA] == (IMAGE_SIZE // PATCH_SIZE) ** 2 + 1, tokens
     for name, p in params.items():  # same trainable set: resampler/projector + cross-attention only
         assert p["vision"]["trainable"] == 0 and p["text decoder"]["trainable"] == 0, (name, p)
         assert p["resampler"]["trainable"] == p["resampler"]["total"] > 0, (name, p)
