@@ -78,6 +78,27 @@ def test_media_masks(media_attention, tokenizer_dir, media_dir):
         assert not torch.allclose(a[second:], b[second:])
 
 
+def test_items_of_different_modalities_are_ordered_by_their_markers(tokenizer_dir, media_dir):
+    config = tiny_config(tokenizer_dir, audio="linear", fusion=FusionConfig(type="A", options={"media_attention": "immediate"}))
+    model = MultimodalLM.from_config(config).eval()
+    _open_gates(model)
+    seen = []
+    model.fusion.blocks[0].register_forward_hook(lambda module, args, out: seen.append(out))
+
+    def sample(image, quiet):
+        wave = media_dir / "a.wav" if not quiet else torch.zeros(8000).numpy()
+        return Sample("m", [Message("user", "hear <audio> then see <image> say"), Message("assistant", "x")],
+                      {"audio": [wave], "image": [media_dir / image]})
+
+    _logits(model, [sample("a.png", False), sample("b.png", False), sample("a.png", True)])
+    base, other_image, other_audio = seen[0]
+    first, second = [i for i, t in enumerate(model.processor(sample("a.png", False)).input_ids) if t < 0]
+    torch.testing.assert_close(base[first:second], other_image[first:second], rtol=0, atol=0)  # audio span: no image
+    assert not torch.allclose(base[first:second], other_audio[first:second])
+    torch.testing.assert_close(base[second:], other_audio[second:], rtol=0, atol=0)  # image span: no audio
+    assert not torch.allclose(base[second:], other_image[second:])
+
+
 def test_text_before_any_media_gets_exactly_zero_cross_attention(tokenizer_dir, media_dir):
     model = _model(tokenizer_dir)
     _open_gates(model, attn=1.0, ff=0.0)

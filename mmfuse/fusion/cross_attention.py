@@ -195,20 +195,18 @@ class CrossAttentionFusion(FusionStrategy):
         any_marker = torch.stack(list(is_marker.values())).any(dim=0)  # (B, L)
         media_index = any_marker.long().cumsum(dim=1)
         batch, tokens = input_ids.shape[0], max((t.shape[1] for t in media.values() if t is not None), default=0)
-        per_row = int(media_index[:, -1].max()) if batch else 0
+        per_row = int(media_index[:, -1].max()) if batch else 0  # the one host sync: it sizes the keys
         dim = self.markers["image"].shape[0]
         states = torch.zeros(batch, max(per_row, 1), max(tokens, 1), dim, dtype=self.markers["image"].dtype,
                              device=input_ids.device)
         key_item = torch.zeros(batch, max(per_row, 1), max(tokens, 1), dtype=torch.long, device=input_ids.device)
-        taken = dict.fromkeys(MARKER_IDS, 0)
-        rows, cols = any_marker.nonzero(as_tuple=True)  # row-major: marker order within each row
-        for row, col in zip(rows.tolist(), cols.tolist()):
-            modality = next(m for m, mask in is_marker.items() if mask[row, col])
-            item = media[modality][taken[modality]]
-            taken[modality] += 1
-            slot = int(media_index[row, col]) - 1
-            states[row, slot, : item.shape[0]] = item.to(states.dtype)
-            key_item[row, slot, : item.shape[0]] = slot + 1
+        for modality, mask in is_marker.items():  # items of a modality come in row-major marker order
+            if counts[modality]:
+                rows, cols = mask.nonzero(as_tuple=True)
+                slots = media_index[rows, cols] - 1
+                items = media[modality]
+                states[rows, slots, : items.shape[1]] = items.to(states.dtype)
+                key_item[rows, slots, : items.shape[1]] = (slots + 1).unsqueeze(-1)
         states, key_item = states.flatten(1, 2), key_item.flatten(1, 2)
         keys, values = zip(*(block.keys_values(states) for block in self.blocks)) if len(self.blocks) else ((), ())
         return MediaContext(list(keys), list(values), key_item, media_index)
