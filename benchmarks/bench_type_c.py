@@ -10,7 +10,6 @@ greedy decode tokens/s (batch 1 and 8), time to first token, peak memory, and ou
 
 from __future__ import annotations
 
-import argparse
 import gc
 import sys
 import tempfile
@@ -23,11 +22,13 @@ from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForCon
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
+    SIZES,
     Contender,
     machine_description,
     measure_generation,
     measure_training,
     paired_ratio,
+    parse_benchmark_args,
     pick_device,
     print_table,
     ratio,
@@ -40,11 +41,7 @@ from mmfuse.config import ConnectorConfig, EncoderConfig, LLMConfig, MultimodalC
 from mmfuse.fusion import PLACEHOLDER_IDS  # noqa: E402
 from mmfuse.model import MultimodalLM  # noqa: E402
 
-# Text decoders (Llama, 4x MLP ratio, head dim 64) and one small CLIP vision tower shared by all sizes.
-SIZES = {
-    "small": {"hidden_size": 256, "num_hidden_layers": 4, "num_attention_heads": 4, "intermediate_size": 1024},
-    "large": {"hidden_size": 512, "num_hidden_layers": 8, "num_attention_heads": 8, "intermediate_size": 2048},
-}
+# One small CLIP vision tower shared by all decoder sizes (common.SIZES).
 VISION = {"image_size": 64, "patch_size": 8, "hidden_size": 128, "intermediate_size": 512,
           "num_hidden_layers": 3, "num_attention_heads": 4}
 PAD, BOS, EOS = 0, 1, 2  # the benchmark tokenizer's special ids
@@ -290,27 +287,8 @@ def report(res: dict, args) -> None:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--sizes", default="small,large", help=f"comma-separated, from {sorted(SIZES)}")
-    ap.add_argument("--steps", type=int, default=8, help="timed train steps per model")
-    ap.add_argument("--warmup", type=int, default=2, help="untimed train steps per model")
-    ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--text-tokens", type=int, default=64, help="text tokens per sample (incl. BOS)")
-    ap.add_argument("--new-tokens", type=int, default=32)
-    ap.add_argument("--gen-batch-sizes", default="1,8")
-    ap.add_argument("--gen-repeats", type=int, default=5)
-    ap.add_argument("--vocab-size", type=int, default=8192)
-    ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
-    ap.add_argument("--device", default=None, help="default: cuda if available else cpu")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--json", default=None, help="write every figure to this file")
-    ap.add_argument("--strict", action="store_true", help="exit 1 when the train-step ratio exceeds the acceptance bound")
-    args = ap.parse_args(argv)
-    args.gen_batch_sizes = [int(b) for b in args.gen_batch_sizes.split(",") if b]
-    sizes = [s.strip() for s in args.sizes.split(",") if s.strip()]
-    unknown = [s for s in sizes if s not in SIZES]
-    if unknown:
-        ap.error(f"unknown size(s) {unknown}; choose from {sorted(SIZES)}")
+    args = parse_benchmark_args(__doc__, SIZES, argv, strict_help="exit 1 when the train-step ratio exceeds the acceptance bound")
+    sizes = args.sizes
 
     set_threads(args.threads)
     device = pick_device(args.device)

@@ -23,6 +23,7 @@ Peak memory (MB above the memory in use just before the measured call):
 
 from __future__ import annotations
 
+import argparse
 import ctypes
 import gc
 import json
@@ -40,6 +41,12 @@ import torch
 from torch import nn
 
 Batch = dict[str, Any]
+
+# Text decoder sizes every benchmark compares at (Llama, 4x MLP ratio, head dim 64).
+SIZES = {
+    "small": {"hidden_size": 256, "num_hidden_layers": 4, "num_attention_heads": 4, "intermediate_size": 1024},
+    "large": {"hidden_size": 512, "num_hidden_layers": 8, "num_attention_heads": 8, "intermediate_size": 2048},
+}
 
 
 # -- environment ---------------------------------------------------------------------------------
@@ -346,3 +353,32 @@ def print_table(title: str, columns: list[str], rows: list[list[str]]) -> None:
     for r in rows:
         table.add_row(*map(str, r))
     Console(width=max(100, sum(len(c) for c in columns) + 20)).print(table)
+
+
+def parse_benchmark_args(doc: str, sizes: dict, argv=None, strict_help: str = "exit 1 when a target fails") -> argparse.Namespace:
+    """The command line every benchmark shares: sizes, steps, batch, decode settings, threads, JSON."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", default="small,large", help=f"comma-separated, from {sorted(sizes)}")
+    ap.add_argument("--steps", type=int, default=8, help="timed train steps per model")
+    ap.add_argument("--warmup", type=int, default=2, help="untimed train steps per model")
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--text-tokens", type=int, default=64, help="text tokens per sample (incl. BOS)")
+    ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--gen-batch-sizes", default="1,8")
+    ap.add_argument("--gen-repeats", type=int, default=5)
+    ap.add_argument("--vocab-size", type=int, default=8192)
+    ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    ap.add_argument("--device", default=None, help="default: cuda if available else cpu")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", default=None, help="write every figure to this file")
+    ap.add_argument("--strict", action="store_true", help=strict_help)
+    args = ap.parse_args(argv)
+    args.gen_batch_sizes = [int(b) for b in args.gen_batch_sizes.split(",") if b]
+    args.sizes = [s.strip() for s in args.sizes.split(",") if s.strip()]
+    unknown = [s for s in args.sizes if s not in sizes]
+    if unknown:
+        ap.error(f"unknown size(s) {unknown}; choose from {sorted(sizes)}")
+    if args.new_tokens < 2:
+        ap.error("--new-tokens must be at least 2 (decode time per token leaves the first token out)")
+    return args
+
