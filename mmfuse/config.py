@@ -122,7 +122,7 @@ class ConnectorConfig(JsonConfig):
 
     ``kind="windows"`` is Audio Flamingo's sliding-window transformation: windows of ``window`` encoder
     output frames, starting every ``hop`` frames (``1 + (frames - window) // hop`` windows per item),
-    one mean embedding per window plus a learned window-position embedding (up to 64 windows), then
+    one mean embedding per window plus a learned window-position embedding (up to ``max_windows``), then
     ``depth`` pre-norm Transformer encoder layers with ``num_heads`` heads (Audio Flamingo: 3 and 8).
     ``window`` and ``hop`` count frames after ``pool_stride`` pooling and are used only by this kind.
     """
@@ -138,6 +138,7 @@ class ConnectorConfig(JsonConfig):
     max_frames: int = 0  # perceiver: frame embeddings for up to this many video frames; 0 = none
     window: int = 0  # windows: encoder output frames per window
     hop: int = 0  # windows: frames between the starts of consecutive windows
+    max_windows: int = 64  # windows: position embeddings, the most windows an item may have
     boundary_tokens: bool = False
     input_norm: bool = False
 

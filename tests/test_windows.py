@@ -114,6 +114,10 @@ def test_connector_builds_and_validates_the_windows_kind():
     assert connector(torch.randn(2, 10, 8)).shape == (2, 4, 12)
     pooled = Connector(ConnectorConfig(kind="windows", window=4, hop=2, depth=1, pool_stride=2), 8, 12)
     assert pooled(torch.randn(2, 20, 8)).shape == (2, 4, 12)  # windows over the 10 pooled frames
+    long = Connector(ConnectorConfig(kind="windows", window=4, hop=4, depth=1, max_windows=375), 8, 12)
+    assert long(torch.randn(1, 1500, 8)).shape == (1, 375, 12)  # Whisper's 1500 frames, one window per 80 ms
+    with pytest.raises(ValueError, match="cover 64 windows"):
+        Connector(ConnectorConfig(kind="windows", window=4, hop=4, depth=1), 8, 12)(torch.randn(1, 1500, 8))
     for window, hop in ((0, 2), (4, 0), (0, 0)):
         with pytest.raises(ValueError, match=f"kind 'windows' needs window >= 1 and hop >= 1.*window {window}, hop {hop}"):
             Connector(ConnectorConfig(kind="windows", window=window, hop=hop), 8, 12)

@@ -67,6 +67,6 @@ def build_core(cfg: ConnectorConfig, encoder_dim: int, llm_dim: int) -> nn.Modul
             raise ValueError(f"connector kind 'windows' needs window >= 1 and hop >= 1 (encoder frames), "
                              f"got window {cfg.window}, hop {cfg.hop}")
         return SlidingWindowTransformer(encoder_dim, llm_dim, window=cfg.window, hop=cfg.hop, depth=cfg.depth,
-                                        num_heads=cfg.num_heads)
+                                        num_heads=cfg.num_heads, max_windows=cfg.max_windows)
     return build_projector(cfg.kind, encoder_dim, llm_dim)
 
