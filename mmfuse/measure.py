@@ -17,6 +17,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from .config import ConnectorConfig, EncoderConfig, MultimodalConfig
 from .data.schema import MARKERS, Message, Sample
 from .model import MultimodalLM
+from .modes import training_mode
 from .train.config import StageConfig
 from .train.stage import apply_stage
 
@@ -32,14 +33,11 @@ def train_flops(model: MultimodalLM, batch: dict[str, Any]) -> int:
 
     Gradients are cleared afterwards; the weights are not changed.
     """
-    was_training = model.training
-    model.train()
-    with FlopCounterMode(display=False) as counter:
+    with training_mode(model, True), FlopCounterMode(display=False) as counter:
         loss = model(batch["input_ids"], batch["attention_mask"], labels=batch["labels"], media=batch["media"]).loss
         if loss.requires_grad:
             loss.backward()
     model.zero_grad(set_to_none=True)
-    model.train(was_training)
     return int(counter.get_total_flops())
 
 

@@ -84,12 +84,23 @@ class MultimodalLM(nn.Module):
             encoders[modality] = MediaEncoder(enc_cfg, model)
         return cls(config, llm, encoders, tokenizer, processors)
 
+    @staticmethod
+    def is_checkpoint(directory: str | Path) -> bool:
+        """Whether ``directory`` holds a :meth:`save_pretrained` checkpoint (not, say, a plain HF model,
+        which also has ``config.json`` and ``model.safetensors``)."""
+        directory = Path(directory)
+        if not (directory / CONFIG_NAME).is_file() or not (directory / WEIGHTS_NAME).is_file():
+            return False
+        return "mmfuse_version" in json.loads((directory / CONFIG_NAME).read_text())
+
     @classmethod
     def from_pretrained(cls, directory: str | Path) -> "MultimodalLM":
         """Load a checkpoint written by :meth:`save_pretrained` (JSON + safetensors only)."""
         directory = Path(directory)
-        if not (directory / CONFIG_NAME).is_file() or not (directory / WEIGHTS_NAME).is_file():
-            raise FileNotFoundError(f"{directory} is not an mmfuse checkpoint: it needs {CONFIG_NAME} and {WEIGHTS_NAME}")
+        if not cls.is_checkpoint(directory):
+            raise FileNotFoundError(
+                f"{directory} is not an mmfuse checkpoint: it needs {WEIGHTS_NAME} and a {CONFIG_NAME} written by save_pretrained"
+            )
         config = MultimodalConfig.from_dict(json.loads((directory / CONFIG_NAME).read_text())["model"])
         llm = load_llm(config.llm)
         tokenizer = load_tokenizer(config.llm, fallback=str(directory))

@@ -199,5 +199,6 @@ def test_save_and_load_round_trip(tokenizer_dir, media_dir, tmp_path):
     model = _model(tokenizer_dir)
     _open_gates(model, 0.5, 0.5)
     model.save_pretrained(tmp_path / "m")
+    assert MultimodalLM.is_checkpoint(tmp_path / "m")
     loaded = MultimodalLM.from_pretrained(tmp_path / "m").to("cpu", torch.float32)  # nn.Module methods still work
     torch.testing.assert_close(_logits(model, [_two_images(media_dir)])[0], _logits(loaded, [_two_images(media_dir)])[0], rtol=0, atol=0)

@@ -109,10 +109,13 @@ def test_any_hf_causal_lm_loads_as_a_text_only_model(plain_tokenizer_dir, tmp_pa
     llm.save_pretrained(tmp_path / "hf")
     tokenizer = AutoTokenizer.from_pretrained(plain_tokenizer_dir)
     tokenizer.save_pretrained(tmp_path / "hf")
+    assert not MultimodalLM.is_checkpoint(tmp_path / "hf")  # config.json + model.safetensors, but not ours
     adapter = EvalAdapter.load(tmp_path / "hf")
     assert not adapter.model.encoders
     texts = ["a red circle at the top.", "two plus two is four."]
+    adapter.model.train()
     assert adapter.text_perplexity(texts) == pytest.approx(perplexity(llm.eval(), tokenizer, texts), rel=1e-5)
+    assert adapter.model.training  # the evaluation mode does not outlive the call
     sample = Sample("t", [Message("user", "What is two plus two?"), Message("assistant", "four")])
     assert len(adapter.generate([sample], max_new_tokens=3)) == 1
     assert adapter.score([sample], ["four", "five"]).shape == (1, 2)

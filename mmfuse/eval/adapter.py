@@ -17,7 +17,8 @@ import torch.nn.functional as F
 from ..config import LLMConfig, MultimodalConfig
 from ..data.processor import IGNORE_INDEX
 from ..data.schema import Message, Sample
-from ..model import CONFIG_NAME, MultimodalLM
+from ..model import MultimodalLM
+from ..modes import training_mode
 from .metrics import perplexity
 
 
@@ -31,11 +32,8 @@ class EvalAdapter:
     @classmethod
     def load(cls, name_or_path: str | Path, batch_size: int = 32) -> "EvalAdapter":
         """An mmfuse checkpoint directory, or any HF causal LM (hub id or path) as a text-only model."""
-        if (Path(name_or_path) / CONFIG_NAME).is_file() and (Path(name_or_path) / "model.safetensors").is_file():
-            try:
-                return cls(MultimodalLM.from_pretrained(name_or_path), batch_size)
-            except (KeyError, TypeError, ValueError):
-                pass  # a plain HF checkpoint also has config.json + model.safetensors
+        if MultimodalLM.is_checkpoint(name_or_path):
+            return cls(MultimodalLM.from_pretrained(name_or_path), batch_size)
         model = MultimodalLM.from_config(MultimodalConfig(llm=LLMConfig(name_or_path=str(name_or_path))))
         return cls(model.eval(), batch_size)
 
@@ -47,7 +45,7 @@ class EvalAdapter:
     def generate(self, samples: list[Sample], max_new_tokens: int = 16) -> list[str]:
         """Greedy replies, one per sample (a final assistant turn, if any, is dropped)."""
         out = []
-        with _eval_mode(self.model):
+        with training_mode(self.model, False):
             for start in range(0, len(samples), self.batch_size):
                 out += self.model.answer(samples[start : start + self.batch_size], max_new_tokens=max_new_tokens, do_sample=False)
         return out
@@ -64,7 +62,7 @@ class EvalAdapter:
             for s in samples for c in candidates
         ]
         scores = []
-        with _eval_mode(self.model):
+        with training_mode(self.model, False):
             for start in range(0, len(filled), self.batch_size):
                 batch = self.model.collator()([self.model.processor(s) for s in filled[start : start + self.batch_size]])
                 logits = self.model(
@@ -83,7 +81,7 @@ class EvalAdapter:
             raise ValueError(f"embed: the model has no {modality} encoder; it has {sorted(self.model.encoders)}")
         process = self.model.media_processors[modality]
         out = []
-        with _eval_mode(self.model):
+        with training_mode(self.model, False):
             for start in range(0, len(items), self.batch_size):
                 chunk = items[start : start + self.batch_size]
                 inputs = torch.stack([process(item, f"item {start + i}", 0) for i, item in enumerate(chunk)]).to(self.device)
@@ -94,17 +92,3 @@ class EvalAdapter:
         """Perplexity of the fused model on plain text (no template, no media): what fusion did to the
         LLM's text ability, including blocks that run on text (Type-A's gated feed-forward layers)."""
         return perplexity(self.model, self.model.tokenizer, texts, batch_size=self.batch_size)
-
-
-class _eval_mode:
-    """Context manager: ``model.eval()`` inside, the previous mode restored after."""
-
-    def __init__(self, model: torch.nn.Module):
-        self.model = model
-
-    def __enter__(self):
-        self.was_training = self.model.training
-        self.model.eval()
-
-    def __exit__(self, *exc):
-        self.model.train(self.was_training)

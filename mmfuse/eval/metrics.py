@@ -10,6 +10,8 @@ from collections import Counter
 import torch
 import torch.nn.functional as F
 
+from ..modes import training_mode
+
 
 __all__ = ["bleu4", "cider_d", "exact_match", "normalize_answer", "perplexity", "tokenize", "vqa_accuracy",
            "word_error_rate"]
@@ -211,15 +213,10 @@ def perplexity(model, tokenizer, texts: list[str], *, batch_size: int = 8, max_l
     if not rows:
         raise ValueError("no token to predict: every text is shorter than two tokens")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    was_training = model.training
-    model.eval()
     total_nll, total_tokens = 0.0, 0
-    try:
-        with torch.no_grad():
-            for start in range(0, len(rows), batch_size):
-                nll, count = _batch_nll(model, *_pad(rows[start : start + batch_size], pad_id))
-                total_nll += nll
-                total_tokens += count
-    finally:
-        model.train(was_training)
+    with training_mode(model, False), torch.no_grad():
+        for start in range(0, len(rows), batch_size):
+            nll, count = _batch_nll(model, *_pad(rows[start : start + batch_size], pad_id))
+            total_nll += nll
+            total_tokens += count
     return math.exp(total_nll / total_tokens)
