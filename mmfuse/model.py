@@ -47,11 +47,11 @@ class MultimodalLM(nn.Module):
         self.llm = llm
         self.encoders = nn.ModuleDict(encoders)
         llm_dim = llm.get_input_embeddings().embedding_dim
-        self.connectors = nn.ModuleDict(
-            {m: Connector(config.connectors[m], enc.hidden_size, llm_dim) for m, enc in encoders.items()}
-        )
         self.fusion = build_fusion(config.fusion)
-        self.fusion.attach(llm)
+        widths = {m: self.fusion.connector_width(enc.hidden_size, llm_dim) for m, enc in encoders.items()}
+        self.connectors = nn.ModuleDict({m: Connector(config.connectors[m], enc.hidden_size, widths[m])
+                                         for m, enc in encoders.items()})
+        self.fusion.attach(llm, widths)
         self.tokenizer = tokenizer
         self.media_processors = media_processors
         self._token_counts: dict[tuple, int] = {}

@@ -37,6 +37,18 @@ def test_jsonl_and_caption_pairs(tmp_path):
     assert second.id == "c.jsonl#1" and second.media == {"audio": [tmp_path / "s.wav"]}
 
 
+def test_interleaved_documents(tmp_path):
+    path = _write(tmp_path / "docs.json", [{"id": "d1", "image": ["a.png", "b.png"],
+                                            "text": "<image>a cat.<|endofchunk|><image>a dog.<|endofchunk|>"}])
+    (sample,) = load_samples(path)
+    assert sample.is_document and sample.messages[0].content.count("<image>") == 2
+    assert sample.media["image"] == [tmp_path / "a.png", tmp_path / "b.png"]
+    with pytest.raises(ValueError, match="sample 'd2': field 'text' must be a non-empty string"):
+        load_samples(_write(tmp_path / "bad.json", [{"id": "d2", "text": ""}]))
+    with pytest.raises(ValueError, match="sample 'd3': field 'image' lists 1 file"):
+        load_samples(_write(tmp_path / "bad2.json", [{"id": "d3", "image": ["a.png"], "text": "<image>a<image>b"}]))
+
+
 @pytest.mark.parametrize("record,pattern", [
     ({"id": "r", "conversations": []}, r"sample 'r': field 'conversations' must be a non-empty list"),
     ({"id": "r", "conversations": [{"from": "robot", "value": "x"}]}, r"conversations\[0\].from is 'robot'"),

@@ -45,6 +45,27 @@ def test_labels_only_on_assistant_turns_with_chat_template(tokenizer_dir, media_
     assert ref_text == "red<|end|>blue square<|end|>"
 
 
+def test_document_labels_follow_openflamingo(tokenizer_dir, media_dir):
+    config = tiny_config(tokenizer_dir)
+    config.llm.add_tokens = ["<|endofchunk|>"]
+    model = MultimodalLM.from_config(config)
+    text = "intro <image>a red circle.<|endofchunk|> an ad. <image>a blue square.<|endofchunk|> tail"
+    sample = Sample("doc", [Message("document", text)], {"image": [media_dir / "a.png", media_dir / "b.png"]})
+    enc = model.processor(sample)
+    # learned: the text after each image up to and including its <|endofchunk|>; not the text before the
+    # first image, between an <|endofchunk|> and the next image, or after the last one
+    assert _labelled_text(model, enc) == "a red circle.<|endofchunk|>a blue square.<|endofchunk|>"
+    assert model.tokenizer.convert_tokens_to_ids("<|endofchunk|>") in enc.labels  # one token, learned
+    assert all(label in (IGNORE_INDEX, token) for token, label in zip(enc.input_ids, enc.labels))
+    # generation continues the document: same ids up to the end, nothing labelled
+    prefix = Sample("p", [Message("document", "<image>a red circle.<|endofchunk|><image>")], {"image": [media_dir / "a.png"] * 2})
+    assert all(label == IGNORE_INDEX for label in model.processor(prefix, for_generation=True).labels)
+    with pytest.raises(ValueError, match="sample 'bare'.*no media marker"):
+        model.processor(Sample("bare", [Message("document", "just text")]))
+    with pytest.raises(ValueError, match="'document' turn must be the sample's only turn"):
+        model.processor(Sample("mixed", [Message("document", "<image>x"), Message("assistant", "y")], {"image": [media_dir / "a.png"]}))
+
+
 def test_labels_with_plain_template(plain_tokenizer_dir, media_dir):
     model = MultimodalLM.from_config(tiny_config(plain_tokenizer_dir))
     enc = model.processor(_conversation(media_dir))

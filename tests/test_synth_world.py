@@ -28,6 +28,8 @@ def _records(root: Path, manifest: dict) -> list[dict]:
 
 def _sample(record: dict) -> Sample:
     media = {m: record[m] if isinstance(record[m], list) else [record[m]] for m in ("image", "audio", "video") if m in record}
+    if "text" in record:  # an interleaved document in OpenFlamingo's form
+        return Sample(record["id"], [Message("document", record["text"])], media, record["meta"])
     messages = [Message(ROLES[turn["from"]], turn["value"]) for turn in record["conversations"]]
     return Sample(record["id"], messages, media, record["meta"])
 
@@ -81,7 +83,7 @@ def test_records_are_valid_samples_with_existing_media(world):
     for record in records:
         sample = _sample(record)
         sample.validate()
-        assert [m.role for m in sample.messages] == ["user", "assistant"]
+        assert [m.role for m in sample.messages] == (["document"] if "text" in record else ["user", "assistant"])
         assert sample.messages[-1].content
         for files in sample.media.values():
             assert all((root / f).is_file() for f in files)
@@ -98,7 +100,7 @@ def test_heldout_combinations_only_in_heldout_split(world):
     root, manifest = world
     for record in _records(root, manifest):
         meta = record["meta"]
-        texts = [t["value"] for t in record["conversations"]]
+        texts = [m.content for m in _sample(record).messages]
         captions = [c for caps in meta.get("captions", {}).values() for c in caps]
         if meta["split"] == "heldout":
             per_item = [c for c in captions if _contains_heldout(c)]
@@ -121,9 +123,16 @@ def test_text_corpus_and_questions_are_seeded():
 
 def test_few_shot_prompt_interleaves_markers():
     doc = documents.sample_document(random.Random(0), lambda r: scenes.sample_scene(r, allowed=heldout.shape_allowed))
-    prompt, answer = documents.caption_document(doc)
+    shots = documents.caption_document(doc)
+    prompt = documents.few_shot_prompt(shots[:-1])
     assert prompt.count("<image>") == len(doc) and prompt.endswith("<image>")
-    assert answer == scenes.caption(doc[-1])
+    assert shots[-1] == ("", scenes.caption(doc[-1]))
+    text = documents.document_text(shots)
+    assert text.count("<image>") == text.count("<|endofchunk|>") == len(doc)
+    assert text.startswith(f"<image>{scenes.caption(doc[0])}<|endofchunk|>")
+    bursty = [documents.sample_document(random.Random(i)) for i in range(200)]
+    repeats = sum(d[-1] in d[:-1] for d in bursty)
+    assert 60 < repeats < 140  # about half the documents repeat a scene in their last position
     assert documents.few_shot_prompt([("What colour is the circle?", "red")], "What colour is the square?") == (
         "<image>\nWhat colour is the circle? red.\n<image>\nWhat colour is the square?"
     )

@@ -104,7 +104,8 @@ class PerceiverResampler(nn.Module):
         self.frame_embeddings = nn.Parameter(torch.randn(max_frames, feature_dim)) if max_frames else None
         self.layers = nn.ModuleList(PerceiverLayer(feature_dim, num_heads, head_dim, ff_mult) for _ in range(depth))
         self.out_norm = nn.LayerNorm(feature_dim)
-        self.proj = nn.Linear(feature_dim, out_dim)
+        # none when the output stays at the encoder width (Type-A: OpenFlamingo's resampler has no projection)
+        self.proj = nn.Linear(feature_dim, out_dim) if out_dim != feature_dim else nn.Identity()
 
     def forward(self, features: torch.Tensor, frames: int = 1) -> torch.Tensor:
         """features ``(n, frames * tokens, feature_dim)`` (frame-major) -> ``(n, num_latents, out_dim)``."""

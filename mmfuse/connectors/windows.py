@@ -61,7 +61,8 @@ class SlidingWindowTransformer(nn.Module):
             for _ in range(depth)
         )
         self.out_norm = nn.LayerNorm(feature_dim)
-        self.proj = nn.Linear(feature_dim, out_dim)
+        # none when the output stays at the encoder width (Type-A: OpenFlamingo's resampler has no projection)
+        self.proj = nn.Linear(feature_dim, out_dim) if out_dim != feature_dim else nn.Identity()
 
     def num_windows(self, frames: int) -> int:
         """Windows for ``frames`` input frames; ValueError when shorter than one window or too many."""

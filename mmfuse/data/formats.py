@@ -3,6 +3,8 @@
 - LLaVA conversation JSON: a list of ``{"id", "image"?, "audio"?, "video"?, "conversations": [{"from":
   "human"|"gpt"|"system", "value"}], "meta"?}``; each media field is one path or a list of paths (several
   media per sample, markers anywhere in the text). JSON lines (``.jsonl``) with the same records too.
+- Interleaved documents: ``{"id", "image": [paths], "text": "<image>a cat.<|endofchunk|><image>..."}``
+  (OpenFlamingo's MMC4 form) become a document sample, learned as plain text.
 - Caption pairs: ``{"id"?, "image"|"audio": path, "caption": str}`` records become a one-turn
   conversation asking for a caption.
 
@@ -77,6 +79,20 @@ def llava_record_to_sample(record: dict, index: int, root: Path, source: str = "
     return sample
 
 
+def document_record_to_sample(record: dict, index: int, root: Path, source: str = "?") -> Sample:
+    sample_id = str(record.get("id", f"{source}#{index}"))
+    where = f"{source}: sample {sample_id!r}"
+    if not isinstance(record["text"], str) or not record["text"].strip():
+        raise ValueError(f"{where}: field 'text' must be a non-empty string")
+    media = {m: [root / p for p in _media_field(record, m, where)] for m in MARKERS}
+    meta = record.get("meta", {})
+    if not isinstance(meta, dict):
+        raise ValueError(f"{where}: field 'meta' must be an object")
+    sample = Sample(sample_id, [Message("document", record["text"])], {m: v for m, v in media.items() if v}, dict(meta))
+    sample.validate()
+    return sample
+
+
 def caption_record_to_sample(record: dict, index: int, root: Path, source: str = "?") -> Sample:
     sample_id = str(record.get("id", f"{source}#{index}"))
     where = f"{source}: sample {sample_id!r}"
@@ -92,12 +108,13 @@ def caption_record_to_sample(record: dict, index: int, root: Path, source: str =
 
 
 def load_samples(path: str | Path) -> list[Sample]:
-    """Read a LLaVA conversation file or a caption-pairs file (detected per record)."""
+    """Read a LLaVA conversation, interleaved document or caption-pairs file (detected per record)."""
     path = Path(path)
     records = read_records(path)
     samples = []
     for i, record in enumerate(records):
-        convert = llava_record_to_sample if "conversations" in record else caption_record_to_sample
+        convert = (llava_record_to_sample if "conversations" in record
+                   else document_record_to_sample if "text" in record else caption_record_to_sample)
         samples.append(convert(record, i, path.parent, path.name))
     ids = [s.id for s in samples]
     if len(set(ids)) != len(ids):

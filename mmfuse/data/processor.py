@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .media import MediaProcessor
-from .schema import MARKERS, Message, Sample
+from .schema import END_OF_CHUNK, MARKERS, Message, Sample
 
 IGNORE_INDEX = -100
 _MARKER_RE = re.compile("|".join(re.escape(m) for m in MARKERS.values()))
@@ -100,6 +100,22 @@ class Processor:
             spans.append((len(prompt), max(len(prompt), len(end_text.rstrip()))))  # trailing whitespace is not learned
         return text, spans
 
+    def document_spans(self, sample: Sample) -> tuple[str, list[tuple[int, int]]]:
+        """A document's text (after the BOS token) and the character spans that get labels, as in
+        OpenFlamingo's MMC4 masking: the text after each media marker up to and including the
+        ``<|endofchunk|>`` that closes it. Text before the first marker and between an
+        ``<|endofchunk|>`` and the next marker is not learned (nor are the markers)."""
+        text = (self.tokenizer.bos_token or "") + sample.messages[0].content
+        markers = [(m.start(), m.end()) for m in _MARKER_RE.finditer(text)]
+        if not markers:
+            raise ValueError(f"sample {sample.id!r}: field 'text' has no media marker; a document is learned only "
+                             "from the text that follows its media")
+        spans = []
+        for (_, start), (following, _) in zip(markers, [*markers[1:], (len(text), len(text))]):
+            close = text.find(END_OF_CHUNK, start, following)
+            spans.append((start, close + len(END_OF_CHUNK) if close >= 0 else following))
+        return text, spans
+
     def _stop_token_ids(self) -> list[int]:
         """Ids that end an assistant turn: the tokenizer's EOS and the template's end-of-turn token."""
         ids = {self.tokenizer.eos_token_id} - {None}
@@ -124,7 +140,10 @@ class Processor:
             for modality, items in sample.media.items()
             if items
         }
-        if for_generation:
+        if sample.is_document:  # generation continues the document as it stands
+            text, spans = self.document_spans(sample)
+            spans = [] if for_generation else spans
+        elif for_generation:
             messages, _ = sample.prompt_and_answer() if sample.messages[-1].role == "assistant" else (sample.messages, "")
             text, spans = self.render(messages, add_generation_prompt=True), []
         else:
@@ -149,7 +168,8 @@ class Processor:
             labels += [IGNORE_INDEX] * len(ids)
 
         if not for_generation and all(label == IGNORE_INDEX for label in labels):
-            raise ValueError(f"sample {sample.id!r}: every label is masked; the assistant turns produced no tokens")
+            what = "no text follows its media" if sample.is_document else "the assistant turns produced no tokens"
+            raise ValueError(f"sample {sample.id!r}: every label is masked; {what}")
         if len(input_ids) > self.max_length:
             if self.on_overflow == "skip":
                 self.skipped.append(sample.id)

@@ -1,7 +1,10 @@
 """The sample schema every loader produces and the processor consumes.
 
 A sample is a conversation whose message texts hold media markers (``<image>``, ``<audio>``,
-``<video>``) and, per modality, the list of media files in the order their markers appear.
+``<video>``) and, per modality, the list of media files in the order their markers appear. A
+*document* sample (one message with role ``"document"``) is plain interleaved text instead, as in
+Flamingo's M3W and OpenFlamingo's MMC4: ``<image>`` markers, each followed by the text tied to it and
+closed by ``<|endofchunk|>``.
 """
 
 from __future__ import annotations
@@ -11,7 +14,8 @@ from pathlib import Path
 from typing import Any
 
 MARKERS = {"image": "<image>", "audio": "<audio>", "video": "<video>"}
-ROLES = ("system", "user", "assistant")
+END_OF_CHUNK = "<|endofchunk|>"  # closes the text tied to one media item in a document (OpenFlamingo)
+ROLES = ("system", "user", "assistant", "document")
 
 
 @dataclass
@@ -33,6 +37,10 @@ class Sample:
     media: dict[str, list[Any]] = field(default_factory=dict)
     meta: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def is_document(self) -> bool:
+        return len(self.messages) == 1 and self.messages[0].role == "document"
+
     def marker_counts(self) -> dict[str, int]:
         return {m: sum(msg.content.count(tok) for msg in self.messages) for m, tok in MARKERS.items()}
 
@@ -45,6 +53,8 @@ class Sample:
                 raise ValueError(f"sample {self.id!r}: conversations[{i}] has role {msg.role!r}; expected one of {ROLES}")
             if not isinstance(msg.content, str):
                 raise ValueError(f"sample {self.id!r}: conversations[{i}].value must be a string, got {type(msg.content).__name__}")
+        if any(m.role == "document" for m in self.messages) and not self.is_document:
+            raise ValueError(f"sample {self.id!r}: a 'document' turn must be the sample's only turn")
         counts = self.marker_counts()
         for modality, n_markers in counts.items():
             n_media = len(self.media.get(modality, []))

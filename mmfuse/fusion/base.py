@@ -24,8 +24,14 @@ class FusionStrategy(nn.Module):
         """Token ids standing for one ``modality`` item whose connector yields ``num_tokens`` vectors."""
         raise NotImplementedError
 
-    def attach(self, llm: nn.Module) -> None:
-        """Add or wrap modules inside ``llm``; called once when the model is built."""
+    def connector_width(self, encoder_dim: int, llm_dim: int) -> int:
+        """The width a modality's connector outputs (here the LLM's: media become input embeddings)."""
+        return llm_dim
+
+    def attach(self, llm: nn.Module, media_dims: dict[str, int]) -> None:
+        """Add or wrap modules inside ``llm``; called once when the model is built.
+
+        ``media_dims``: modality -> width of its connector's output."""
         raise NotImplementedError
 
     def llm_inputs(
@@ -33,8 +39,8 @@ class FusionStrategy(nn.Module):
     ) -> dict[str, torch.Tensor]:
         """Keyword arguments for ``llm(...)`` / ``llm.generate(...)`` that carry the media.
 
-        input_ids: ``(B, L)`` from the processor's layout; media: modality -> ``(items, tokens, d_llm)``
-        connector outputs, items in the order their markers appear in the batch (row-major).
+        input_ids: ``(B, L)`` from the processor's layout; media: modality -> ``(items, tokens, width)``
+        connector outputs (``width`` from :meth:`connector_width`), items in the order their markers appear in the batch (row-major).
         """
         raise NotImplementedError
 

@@ -6,6 +6,10 @@ Hugging Face LLM: text hidden states attend to the media states (the connector's
 Perceiver resampler's latents), then a feed-forward layer; each is scaled by ``tanh`` of a gate that
 starts at 0, so the fused model starts as the text-only LLM.
 
+Media stay at their connector's width (OpenFlamingo's resampler runs at the vision width and the
+block's ``to_kv`` maps it to the attention width): every block owns one key/value projection per
+modality, so adding a modality adds parameters inside the LLM's blocks, as the survey says of Type-A.
+
 Media masks: a text token attends to the media item of the nearest marker at or before it
 (``media_attention="immediate"``, Flamingo) or to every earlier item (``"all_previous"``, Audio
 Flamingo). Tokens before any media get an exactly zero cross-attention output.
@@ -40,7 +44,7 @@ MEDIA_ATTENTION = ("immediate", "all_previous")
 class MediaContext:
     """What the blocks read in one LLM call.
 
-    ``keys[i]`` / ``values[i]``: block i's ``(B, heads, K, head_dim)``; ``key_item``: ``(B, K)`` the
+    ``keys[i]`` / ``values[i]``: block i's ``(B, K, dim)``; ``key_item``: ``(B, K)`` the
     1-based item number of each key in its row (0 for padding); ``media_index``: ``(B, L)`` the item
     number each token attends to (immediate) or up to (all previous), 0 before any media.
     """
@@ -51,22 +55,34 @@ class MediaContext:
     media_index: torch.Tensor
 
 
+class MediaKeyValue(nn.Module):
+    """One modality's key and value projections: ``(n, T, media_dim) -> 2 x (n, T, dim)``."""
+
+    def __init__(self, media_dim: int, dim: int):
+        super().__init__()
+        self.to_k = nn.Linear(media_dim, dim, bias=False)
+        self.to_v = nn.Linear(media_dim, dim, bias=False)
+
+    def forward(self, media: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.to_k(media), self.to_v(media)
+
+
 class GatedCrossAttentionBlock(nn.Module):
     """``x + tanh(g_attn) * xattn(LN(x), media) ; x + tanh(g_ff) * FFN(LN(x))`` on ``(B, L, d)``.
 
+    ``media_dims``: modality -> width of its media states; each gets its own key/value projection.
     Only the gates start at zero (the output projections keep a normal init, so the gates get a
     gradient from the first step).
     """
 
-    def __init__(self, dim: int, media_dim: int, num_heads: int, ff_mult: int = 4, qk_norm: bool = False):
+    def __init__(self, dim: int, media_dims: dict[str, int], num_heads: int, ff_mult: int = 4, qk_norm: bool = False):
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"cross-attention: width {dim} is not divisible by {num_heads} heads")
         self.num_heads, self.head_dim = num_heads, dim // num_heads
         self.norm = nn.LayerNorm(dim)
         self.to_q = nn.Linear(dim, dim, bias=False)
-        self.to_k = nn.Linear(media_dim, dim, bias=False)
-        self.to_v = nn.Linear(media_dim, dim, bias=False)
+        self.media = nn.ModuleDict({m: MediaKeyValue(width, dim) for m, width in media_dims.items()})
         self.to_out = nn.Linear(dim, dim, bias=False)
         self.q_norm = nn.LayerNorm(self.head_dim) if qk_norm else nn.Identity()
         self.k_norm = nn.LayerNorm(self.head_dim) if qk_norm else nn.Identity()
@@ -78,16 +94,14 @@ class GatedCrossAttentionBlock(nn.Module):
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
         return x.unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2)
 
-    def keys_values(self, media: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(B, K, media_dim)`` -> keys and values ``(B, heads, K, head_dim)``."""
-        return self.k_norm(self._heads(self.to_k(media))), self._heads(self.to_v(media))
-
     def forward(self, x: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
-        """``allowed``: ``(B, L, K)`` which keys each token may attend to."""
+        """keys, values: ``(B, K, dim)`` from :attr:`media`; ``allowed``: ``(B, L, K)`` which keys each
+        token may attend to."""
         has_media = allowed.any(dim=-1, keepdim=True)  # (B, L, 1)
         q = self.q_norm(self._heads(self.to_q(self.norm(x))))
+        keys, values = self.k_norm(self._heads(keys.to(q.dtype))), self._heads(values.to(q.dtype))
         mask = (allowed | ~has_media).unsqueeze(1)  # rows without media attend anywhere, then are zeroed
-        attended = F.scaled_dot_product_attention(q, keys.to(q.dtype), values.to(q.dtype), attn_mask=mask)
+        attended = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
         attended = self.to_out(attended.transpose(1, 2).flatten(2)) * has_media
         x = x + self.attn_gate.tanh() * attended
         return x + self.ff_gate.tanh() * self.ff(x)
@@ -139,15 +153,23 @@ class CrossAttentionFusion(FusionStrategy):
         return [MARKER_IDS[modality]]
 
     # -- attachment -------------------------------------------------------------------------------
-    def attach(self, llm: nn.Module) -> None:
+    def connector_width(self, encoder_dim: int, llm_dim: int) -> int:
+        """Media stay at the encoder's width; each block projects them to keys and values."""
+        return encoder_dim
+
+    def attach(self, llm: nn.Module, media_dims: dict[str, int]) -> None:
+        unknown = sorted(set(media_dims) - set(MARKER_IDS))
+        if unknown:
+            raise ValueError(f"cross-attention fusion: no media marker for modalities {unknown}; known: {sorted(MARKER_IDS)}")
         config = llm.config.get_text_config()
         dim = llm.get_input_embeddings().embedding_dim
         heads = self.num_heads or getattr(config, "num_attention_heads", None) or config.n_head
         layers = decoder_layers(llm)
         self.layer_indices = cross_attention_layers(len(layers), self.every, self.placement)
-        self.blocks = nn.ModuleList(GatedCrossAttentionBlock(dim, dim, heads, self.ff_mult, self.qk_norm) for _ in self.layer_indices)
+        self.blocks = nn.ModuleList(GatedCrossAttentionBlock(dim, media_dims, heads, self.ff_mult, self.qk_norm)
+                                    for _ in self.layer_indices)
         std = getattr(config, "initializer_range", 0.02)
-        self.markers = nn.ParameterDict({m: nn.Parameter(torch.randn(dim) * std) for m in MARKER_IDS})
+        self.markers = nn.ParameterDict({m: nn.Parameter(torch.randn(dim) * std) for m in media_dims})
         block_of = dict(zip(self.layer_indices, range(len(self.layer_indices))))
         for index, layer in enumerate(layers):
             layer.register_forward_pre_hook(self._hook(block_of.get(index)), with_kwargs=True)
@@ -179,14 +201,15 @@ class CrossAttentionFusion(FusionStrategy):
     # -- conditioning -----------------------------------------------------------------------------
     def llm_inputs(self, llm, input_ids, media):
         """-> ``{"inputs_embeds": (B, L, d), "media_context": MediaContext}``."""
-        is_marker = {m: input_ids == i for m, i in MARKER_IDS.items()}
+        is_marker = {m: input_ids == MARKER_IDS[m] for m in self.markers}
         embeds = llm.get_input_embeddings()(input_ids.clamp(min=0))
         for modality, mask in is_marker.items():
             embeds = torch.where(mask.unsqueeze(-1), self.markers[modality].to(embeds.dtype), embeds)
         return {"inputs_embeds": embeds, "media_context": self.media_context(input_ids, media, is_marker)}
 
     def media_context(self, input_ids: torch.Tensor, media: dict[str, torch.Tensor], is_marker: dict[str, torch.Tensor]) -> MediaContext:
-        """Order each row's media items by marker position, pad them into keys, project once per block."""
+        """Order each row's media items by marker position and project them once per block into
+        padded keys and values ``(B, items_per_row * tokens, dim)``."""
         counts = {m: int(mask.sum()) for m, mask in is_marker.items()}
         for modality, n_markers in counts.items():
             n_items = 0 if media.get(modality) is None else media[modality].shape[0]
@@ -194,22 +217,25 @@ class CrossAttentionFusion(FusionStrategy):
                 raise ValueError(f"{modality}: the batch has {n_markers} media markers but {n_items} encoded items")
         any_marker = torch.stack(list(is_marker.values())).any(dim=0)  # (B, L)
         media_index = any_marker.long().cumsum(dim=1)
-        batch, tokens = input_ids.shape[0], max((t.shape[1] for t in media.values() if t is not None), default=0)
-        per_row = int(media_index[:, -1].max()) if batch else 0  # the one host sync: it sizes the keys
-        dim = self.markers["image"].shape[0]
-        states = torch.zeros(batch, max(per_row, 1), max(tokens, 1), dim, dtype=self.markers["image"].dtype,
-                             device=input_ids.device)
-        key_item = torch.zeros(batch, max(per_row, 1), max(tokens, 1), dtype=torch.long, device=input_ids.device)
+        batch, tokens = input_ids.shape[0], max((media[m].shape[1] for m, n in counts.items() if n), default=1)
+        per_row = max(int(media_index[:, -1].max()) if batch else 0, 1)  # the one host sync: it sizes the keys
+        anchor = next(iter(self.markers.values()))
+        shape = (len(self.blocks), batch, per_row, tokens, anchor.shape[0])
+        keys = torch.zeros(shape, dtype=anchor.dtype, device=input_ids.device)
+        values = torch.zeros_like(keys)
+        key_item = torch.zeros(batch, per_row, tokens, dtype=torch.long, device=input_ids.device)
         for modality, mask in is_marker.items():  # items of a modality come in row-major marker order
             if counts[modality]:
                 rows, cols = mask.nonzero(as_tuple=True)
                 slots = media_index[rows, cols] - 1
                 items = media[modality]
-                states[rows, slots, : items.shape[1]] = items.to(states.dtype)
+                for i, block in enumerate(self.blocks):
+                    k, v = block.media[modality](items)
+                    keys[i, rows, slots, : items.shape[1]] = k.to(keys.dtype)
+                    values[i, rows, slots, : items.shape[1]] = v.to(values.dtype)
                 key_item[rows, slots, : items.shape[1]] = (slots + 1).unsqueeze(-1)
-        states, key_item = states.flatten(1, 2), key_item.flatten(1, 2)
-        keys, values = zip(*(block.keys_values(states) for block in self.blocks)) if len(self.blocks) else ((), ())
-        return MediaContext(list(keys), list(values), key_item, media_index)
+        return MediaContext(list(keys.flatten(2, 3).unbind(0)), list(values.flatten(2, 3).unbind(0)),
+                            key_item.flatten(1, 2), media_index)
 
     @contextlib.contextmanager
     def generation_inputs(self, inputs: dict) -> Iterator[dict]:

@@ -19,7 +19,7 @@ class EmbeddingFusion(FusionStrategy):
     def layout(self, modality: str, num_tokens: int) -> list[int]:
         return [PLACEHOLDER_IDS[modality]] * num_tokens
 
-    def attach(self, llm: nn.Module) -> None:
+    def attach(self, llm: nn.Module, media_dims: dict[str, int]) -> None:
         return None
 
     def llm_inputs(self, llm, input_ids, media):

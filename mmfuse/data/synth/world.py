@@ -26,7 +26,7 @@ from . import digits, documents, heldout, scenes, sounds, text, video
 SPLITS = ("train", "val", "test", "heldout")
 TASKS = (
     "image_caption", "image_qa", "audio_caption", "audio_qa", "video_caption", "video_qa",
-    "interleaved", "digits_qa", "digits_caption", "image_audio_qa", "text",
+    "interleaved", "documents", "digits_qa", "digits_caption", "image_audio_qa", "text",
 )
 VIDEO_FRAMES = 8
 DIGITS_TOTAL = 1797
@@ -250,7 +250,7 @@ class _Writer:
     def interleaved_task(self, split: str) -> None:
         rng = _rng(self.seed, "documents", split)
         allowed = None if split == "heldout" else heldout.shape_allowed
-        records = []
+        records, plain = [], []
         for i in range(self.sizes.documents[split]):
             document = documents.sample_document(rng, lambda r: _draw_scene(r, split))
             did = f"doc-{split}-{i:05d}"
@@ -259,13 +259,16 @@ class _Writer:
                 for j, scene in enumerate(document)
             ]
             if i % 2 == 0:
-                kind, (prompt, answer) = "caption", documents.caption_document(document)
+                kind, shots = "caption", documents.caption_document(document)
             else:
-                kind, prompt, answer = documents.qa_document(document, rng, allowed=allowed)
+                kind, shots = documents.qa_document(document, rng, allowed=allowed)
             meta = {"task": "interleaved", "split": split, "kind": kind, "captions": {"image": [scenes.caption(s) for s in document]}}
-            records.append(_record(did, {"image": files}, prompt, answer, meta))
+            prompt = documents.few_shot_prompt(shots[:-1], shots[-1][0])
+            records.append(_record(did, {"image": files}, prompt, shots[-1][1], meta))
+            plain.append({"id": f"{did}-text", "image": files, "text": documents.document_text(shots), "meta": {**meta, "task": "documents"}})
             self.tick("rendering documents")
         self.write_task("interleaved", split, records)
+        self.write_task("documents", split, plain)
 
     def text_task(self, split: str) -> None:
         n = self.sizes.text[split]
