@@ -124,6 +124,7 @@ def evaluate(
     batch_size: int = typer.Option(32),
     shots: int = typer.Option(0, help="Few-shot: solved train examples put before each question."),
     shot_selection: str = typer.Option("random", help="random | retrieval (nearest neighbours of the media)"),
+    shot_format: str = typer.Option("turns", help="turns (earlier conversation turns) | document (<image>answer<|endofchunk|> per shot)"),
     choices: bool = typer.Option(False, help="QA: also rank the answers of each kind by likelihood."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the results as JSON."),
 ):
@@ -132,7 +133,7 @@ def evaluate(
 
     results = run_eval(
         run, data, split, tasks=task, limit=limit, batch_size=batch_size, shots=shots, shot_selection=shot_selection,
-        choices=choices, console=console,
+        shot_format=shot_format, choices=choices, console=console,
     )
     out = Console()
     for name, result in results.items():

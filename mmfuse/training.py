@@ -84,6 +84,7 @@ def run_eval(
     batch_size: int = 32,
     shots: int = 0,
     shot_selection: str = "random",
+    shot_format: str = "turns",
     choices: bool = False,
     console=None,
     model: MultimodalLM | None = None,
@@ -100,10 +101,10 @@ def run_eval(
     results = {}
     for task in tasks:
         if console is not None:
-            console.print(f"scoring {task} ({split})" + (f", {shots}-shot {shot_selection}" if shots else ""))
+            console.print(f"scoring {task} ({split})" + (f", {shots}-shot {shot_selection} {shot_format}" if shots else ""))
         results[task] = evaluate_task(
-            adapter, data, task, split, limit=limit, shots=shots, shot_selection=shot_selection, choices=choices,
-            seed=seed_of(run),
+            adapter, data, task, split, limit=limit, shots=shots, shot_selection=shot_selection, shot_format=shot_format,
+            choices=choices, seed=seed_of(run),
         )
     return results
 

@@ -83,6 +83,24 @@ def test_few_shot_retrieval_prepends_the_nearest_examples(media_dir):
         tasks.few_shot(_FixedEmbeddings(vectors), [query], pool, 1, "nearest", seed=0)
 
 
+def test_few_shot_as_an_openflamingo_document(media_dir):
+    pool = [Sample(f"p{i}", [Message("user", "<image>\nDescribe the image."), Message("assistant", f"cap {i}.")],
+                   {"image": [f"img{i}"]}) for i in range(2)]
+    query = Sample("q", [Message("user", "<image>\nDescribe the image."), Message("assistant", "cap q.")], {"image": ["query"]})
+    vectors = {"img0": [0, 1], "img1": [1, 0], "query": [1, 0.1]}
+    (out,) = tasks.few_shot(_FixedEmbeddings(vectors), [query], pool, 2, "retrieval", seed=0, shot_format="document")
+    assert out.is_document and out.prompt_and_answer()[1] == "cap q."
+    # nearest shot first (as in the turns format), the caption request dropped, each shot's chunk
+    # closed; the query left open
+    assert out.messages[0].content == "<image>cap 1.<|endofchunk|><image>cap 0.<|endofchunk|><image>"
+    assert out.media["image"] == ["img1", "img0", "query"]
+    qa = Sample("v", [Message("user", "<image>\nwhat colour?"), Message("assistant", "red")], {"image": ["query"]})
+    (doc,) = tasks.few_shot(_FixedEmbeddings(vectors), [qa], pool[:1], 1, "random", seed=0, shot_format="document")
+    assert doc.messages[0].content == "<image>cap 0.<|endofchunk|><image>what colour?"
+    with pytest.raises(ValueError, match="shot_format"):
+        tasks.few_shot(_FixedEmbeddings(vectors), [query], pool, 1, "random", seed=0, shot_format="chat")
+
+
 def test_evaluate_task_on_a_written_world(tokenizer_dir, tmp_path):
     from mmfuse.data.synth.world import WorldSizes, write_world
 
@@ -100,6 +118,9 @@ def test_evaluate_task_on_a_written_world(tokenizer_dir, tmp_path):
     assert caption["count"] == 3 and caption["cider_d"] >= 0.0
     shots = tasks.evaluate_task(adapter, tmp_path / "w", "image_qa", "test", limit=2, shots=2, shot_selection="retrieval")
     assert shots["count"] == 2 and all(p["id"].endswith("+2shot") for p in shots["predictions"])
+    document = tasks.evaluate_task(adapter, tmp_path / "w", "digits_caption", "test", limit=2, shots=2, shot_format="document",
+                                   max_new_tokens=4)
+    assert document["count"] == 2 and document["shot_format"] == "document"
     with pytest.raises(ValueError, match="no metric"):
         tasks.evaluate_task(adapter, tmp_path / "w", "text", "test")
 

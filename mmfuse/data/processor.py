@@ -117,8 +117,9 @@ class Processor:
         return text, spans
 
     def _stop_token_ids(self) -> list[int]:
-        """Ids that end an assistant turn: the tokenizer's EOS and the template's end-of-turn token."""
-        ids = {self.tokenizer.eos_token_id} - {None}
+        """Ids that end an assistant turn: the tokenizer's EOS, the template's end-of-turn token, and
+        ``<|endofchunk|>`` when the vocabulary has it (it ends a document's chunk)."""
+        ids = {self.tokenizer.eos_token_id, self.tokenizer.get_vocab().get(END_OF_CHUNK)} - {None}
         probe = [Message("user", "hi"), Message("assistant", "ok")]
         full = self.render(probe)
         prompt = self.render(probe[:1], add_generation_prompt=True)
@@ -140,9 +141,10 @@ class Processor:
             for modality, items in sample.media.items()
             if items
         }
-        if sample.is_document:  # generation continues the document as it stands
+        if sample.is_document and for_generation:  # generation continues the document as it stands
+            text, spans = (self.tokenizer.bos_token or "") + sample.messages[0].content, []
+        elif sample.is_document:
             text, spans = self.document_spans(sample)
-            spans = [] if for_generation else spans
         elif for_generation:
             messages, _ = sample.prompt_and_answer() if sample.messages[-1].role == "assistant" else (sample.messages, "")
             text, spans = self.render(messages, add_generation_prompt=True), []

@@ -65,7 +65,12 @@ class Sample:
                 )
 
     def prompt_and_answer(self) -> tuple[list[Message], str]:
-        """Split off the final assistant turn: (messages up to the last user turn, reference answer)."""
+        """Split off the final assistant turn: (messages up to the last user turn, reference answer).
+        A document prompt (the model continues it) keeps its reference in ``meta["answer"]``."""
+        if self.is_document:
+            if "answer" not in self.meta:
+                raise ValueError(f"sample {self.id!r}: a document prompt needs its reference in meta['answer']")
+            return self.messages, self.meta["answer"]
         if self.messages[-1].role != "assistant":
             raise ValueError(f"sample {self.id!r}: the last turn must be the assistant's answer")
         return self.messages[:-1], self.messages[-1].content

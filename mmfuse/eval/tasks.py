@@ -6,7 +6,9 @@
 * Caption tasks (``*_caption``, ``interleaved``): CIDEr-D and BLEU-4 against the final assistant turn.
 
 Few-shot prompts put ``shots`` solved examples from the task's train split before the question, as
-earlier turns of the same conversation; they are drawn at random or retrieved as the nearest
+earlier turns of the same conversation (``shot_format="turns"``) or as one interleaved document in
+OpenFlamingo's form (``"document"``: ``<image>answer<|endofchunk|>`` per shot, then the query's media
+and question for the model to continue); shots are drawn at random or retrieved as the nearest
 neighbours of the question's first media item in the encoder's embedding space.
 """
 
@@ -14,19 +16,22 @@ from __future__ import annotations
 
 import dataclasses
 import random
+import re
 from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-from ..data.formats import load_samples, resolve_dataset
-from ..data.schema import Sample
+from ..data.formats import CAPTION_PROMPT, load_samples, resolve_dataset
+from ..data.schema import END_OF_CHUNK, MARKERS, Message, Sample
 from .adapter import EvalAdapter
 from .metrics import bleu4, cider_d, exact_match, vqa_accuracy
 from .retrieval import NearestNeighbours, choose_shots
 
 SHOT_SELECTION = ("random", "retrieval")
+SHOT_FORMATS = ("turns", "document")
+_MARKER_RE = re.compile("|".join(re.escape(m) for m in MARKERS.values()))
 FEWSHOT_POOL = 512  # train examples a few-shot prompt draws from
 
 
@@ -48,6 +53,7 @@ def evaluate_task(
     limit: int | None = None,
     shots: int = 0,
     shot_selection: str = "random",
+    shot_format: str = "turns",
     choices: bool = False,
     seed: int = 0,
     max_new_tokens: int | None = None,
@@ -59,7 +65,8 @@ def evaluate_task(
     if not samples:
         raise ValueError(f"task {task!r} split {split!r}: no samples")
     if shots:
-        samples = few_shot(adapter, samples, load_samples(resolve_dataset(data, task, "train")), shots, shot_selection, seed)
+        samples = few_shot(adapter, samples, load_samples(resolve_dataset(data, task, "train")), shots, shot_selection, seed,
+                           shot_format)
     max_new_tokens = max_new_tokens or (8 if metric == "qa" else 48)
     predictions = []
     for start in range(0, len(samples), adapter.batch_size):
@@ -68,8 +75,11 @@ def evaluate_task(
             progress(len(predictions), len(samples))
     result = qa_scores(samples, predictions) if metric == "qa" else caption_scores(samples, predictions)
     if choices and metric == "qa":
+        if shots and shot_format == "document":
+            raise ValueError("choice accuracy scores conversation replies; use shot_format='turns' with choices")
         result["choice_accuracy"] = choice_accuracy(adapter, samples)
-    result.update(task=task, split=split, shots=shots, shot_selection=shot_selection if shots else None)
+    result.update(task=task, split=split, shots=shots, shot_selection=shot_selection if shots else None,
+                  shot_format=shot_format if shots else None)
     return result
 
 
@@ -120,11 +130,14 @@ def choice_accuracy(adapter: EvalAdapter, samples: list[Sample]) -> float:
 
 
 def few_shot(
-    adapter: EvalAdapter, samples: list[Sample], pool: list[Sample], shots: int, selection: str, seed: int
+    adapter: EvalAdapter, samples: list[Sample], pool: list[Sample], shots: int, selection: str, seed: int,
+    shot_format: str = "turns",
 ) -> list[Sample]:
-    """Each sample with ``shots`` solved pool examples prepended as earlier turns."""
+    """Each sample with ``shots`` solved pool examples put before it (as earlier turns, or as a document)."""
     if selection not in SHOT_SELECTION:
         raise ValueError(f"shot_selection must be one of {SHOT_SELECTION}, got {selection!r}")
+    if shot_format not in SHOT_FORMATS:
+        raise ValueError(f"shot_format must be one of {SHOT_FORMATS}, got {shot_format!r}")
     pool = random.Random(seed).sample(pool, min(len(pool), FEWSHOT_POOL))
     rng = random.Random(seed + 1)
     if selection == "random":
@@ -132,7 +145,8 @@ def few_shot(
     else:
         index = NearestNeighbours(embed_samples(adapter, pool))
         chosen = choose_shots(len(pool), shots, rng=rng, query_embeddings=embed_samples(adapter, samples), index=index)
-    return [_prepend(sample, [pool[j] for j in picks]) for sample, picks in zip(samples, chosen)]
+    combine = _prepend if shot_format == "turns" else _as_document
+    return [combine(sample, [pool[j] for j in picks]) for sample, picks in zip(samples, chosen)]
 
 
 def _first_modality(sample: Sample) -> str:
@@ -150,6 +164,29 @@ def _prepend(sample: Sample, shots: list[Sample]) -> Sample:
         for modality in {m for s in [*shots, sample] for m in s.media}
     }
     return dataclasses.replace(sample, id=f"{sample.id}+{len(shots)}shot", messages=messages, media=media)
+
+
+def _as_document(sample: Sample, shots: list[Sample]) -> Sample:
+    """One document: per shot its media, question (a caption request is dropped) and answer closed by
+    ``<|endofchunk|>``; then the query's media and question, for the model to continue."""
+    chunks = []
+    for example in [*shots, sample]:
+        messages, answer = example.prompt_and_answer()
+        if len(messages) != 1 or messages[0].role != "user":
+            raise ValueError(f"sample {example.id!r}: the document shot format takes one-question samples")
+        content = messages[0].content
+        markers = "".join(m.group() for m in _MARKER_RE.finditer(content))
+        question = _MARKER_RE.sub("", content).strip()
+        question = "" if question in CAPTION_PROMPT.values() else question
+        chunks.append((markers, question, answer))
+    text = "".join(f"{m}{q + ' ' if q else ''}{a}{END_OF_CHUNK}" for m, q, a in chunks[:-1])
+    text += chunks[-1][0] + chunks[-1][1]
+    media = {
+        modality: [item for s in [*shots, sample] for item in s.media.get(modality, [])]
+        for modality in {m for s in [*shots, sample] for m in s.media}
+    }
+    meta = {**sample.meta, "answer": chunks[-1][2]}
+    return Sample(f"{sample.id}+{len(shots)}shot", [Message("document", text)], media, meta)
 
 
 def embed_samples(adapter: EvalAdapter, samples: list[Sample]) -> torch.Tensor:
