@@ -108,8 +108,9 @@ AXES: list[tuple[str, str, Callable[[Record], str], Callable[[list[Record]], tup
     (
         "Adding a modality",
         "C easy and modular: add an encoder + connector, keep the LLM; A and B need new modules inside the LLM",
-        lambda r: f"+{r['adds_modality']['modality']}: {_fmt_params(r['adds_modality']['new_params'])} new params, "
-                  f"LLM {'changed' if r['adds_modality']['llm_params_changed'] else 'unchanged'}, "
+        lambda r: f"+{r['adds_modality']['modality']}: {_fmt_params(r['adds_modality']['new_params'])} new params "
+                  f"({_fmt_params(r['adds_modality']['new_params_by_component']['fusion'])} inside the LLM), "
+                  f"LLM weights {'changed' if r['adds_modality']['llm_params_changed'] else 'unchanged'}, "
                   f"{r['adds_modality']['config_lines']} config lines",
         lambda rs: _adding_verdict(rs),
     ),

@@ -22,6 +22,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from mmfuse.train import StageConfig, Trainer, TrainConfig, apply_stage, lora_parameters, merge_lora
 from mmfuse.train.checkpoint import list_checkpoints
+from mmfuse.train.stage import optimizer_groups
 from mmfuse.train.trainer import stage_scheduler
 
 VOCAB, SEQ, PATCHES, FEAT = 32, 6, 2, 6
@@ -100,7 +101,8 @@ def staged_config(output_dir, **overrides) -> TrainConfig:
             name="tune", train=["encoders"], lora=["llm"], lora_dropout=0.1, data=["caps", "chat"], steps=4, lr=1e-2,
             batch_size=4, weight_decay=0.1,
         ),
-        StageConfig(name="polish", train=["connectors"], data=["chat"], steps=2, lr=1e-3, batch_size=4),
+        StageConfig(name="polish", train=["connectors"], data=["chat"], steps=2, lr=1e-3, batch_size=4,
+                    lr_scale={"connectors.*.bias": 3.0}),  # two optimizer groups through checkpoint and resume
     ]
     return TrainConfig(stages=stages, output_dir=str(output_dir), save_every=4, log_every=1, **overrides)
 
@@ -138,6 +140,21 @@ def test_frozen_parameters_stay_bit_identical(tmp_path):
         else:
             assert torch.equal(p, before[name]), name
             assert not p.requires_grad
+
+
+def test_lr_scale_puts_matching_parameters_in_their_own_group(tmp_path):
+    model = TinyMM()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    stage = StageConfig(name="s", train=["connectors", "encoders"], data=["caps"], steps=2, lr=1e-2, batch_size=4,
+                        warmup_ratio=0.0, lr_scale={"connectors.*.bias": 0.0, "encoders.*": 2.0})
+    groups = optimizer_groups(model, apply_stage(model, stage), stage)
+    assert [g["lr"] for g in groups] == [1e-2, 0.0, 2e-2]
+    trainer(model, TrainConfig(stages=[stage], output_dir=str(tmp_path))).train()
+    moved = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert moved == {"connectors.image.0.weight", "encoders.image.weight", "encoders.image.bias"}  # lr 0 holds the bias
+    unmatched = StageConfig(name="s", train=["connectors"], data=["caps"], steps=1, lr=1e-2, lr_scale={"llm.*": 2.0})
+    with pytest.raises(ValueError, match=r"lr_scale pattern\(s\) \['llm\.\*'\] match no parameter"):
+        optimizer_groups(model, apply_stage(model, unmatched), unmatched)
 
 
 def test_unknown_group_lists_available():

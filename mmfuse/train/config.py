@@ -26,7 +26,9 @@ class StageConfig(JsonConfig):
     linearly from 0 (as in transformers' Trainer, the first of them runs at lr 0), then
     ``lr_schedule`` (a transformers scheduler) takes it: ``cosine`` down to 0, ``linear`` down to 0,
     ``constant_with_warmup``, or ``warmup_stable_decay`` (constant, then a cosine to 0 over the last
-    ``ceil(decay_ratio * steps)`` steps). ``max_grad_norm`` <= 0 turns clipping off. ``mixed_precision`` is
+    ``ceil(decay_ratio * steps)`` steps). ``lr_scale`` maps parameter-name patterns (``fnmatch``, e.g.
+    ``"fusion.*_gate"``) to a multiplier of ``lr`` for the trainable parameters they match (the first
+    matching pattern wins; a pattern that matches none is an error). ``max_grad_norm`` <= 0 turns clipping off. ``mixed_precision`` is
     accelerate's: "bf16" works on CPU and GPU, "fp16" needs a GPU.
     A LoRA stage merges its adapters into the base weights when it ends.
     """
@@ -45,6 +47,7 @@ class StageConfig(JsonConfig):
     warmup_ratio: float = 0.03
     lr_schedule: str = "cosine"
     decay_ratio: float = 0.1
+    lr_scale: dict[str, float] = field(default_factory=dict)
     batch_size: int = 8
     grad_accum: int = 1
     max_grad_norm: float = 1.0
@@ -70,6 +73,9 @@ class StageConfig(JsonConfig):
                 raise ValueError(f"{where}: {key} must be >= 1, got {getattr(self, key)}")
         if self.lr < 0:
             raise ValueError(f"{where}: lr must be >= 0, got {self.lr}")
+        bad_scale = {k: v for k, v in self.lr_scale.items() if not isinstance(v, (int, float)) or v < 0}
+        if bad_scale:
+            raise ValueError(f"{where}: lr_scale values must be numbers >= 0, got {bad_scale}")
         if self.lr_schedule not in LR_SCHEDULES:
             raise ValueError(f"{where}: lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
         if not 0.0 <= self.decay_ratio <= 1.0:

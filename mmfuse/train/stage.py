@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import fnmatch
+
 from torch import nn
 
 from mmfuse.train.config import LORA_GROUPS, StageConfig
@@ -48,3 +50,19 @@ def apply_stage(model: nn.Module, stage: StageConfig) -> list[nn.Parameter]:
     if not params:
         raise ValueError(f"stage {stage.name!r}: the selected groups hold no parameters")
     return params
+
+
+def optimizer_groups(model: nn.Module, params: list[nn.Parameter], stage: StageConfig) -> list[dict]:
+    """AdamW parameter groups: ``params`` at ``stage.lr``, except those whose name matches a
+    ``stage.lr_scale`` pattern, at ``lr * scale`` (one group per pattern, in the patterns' order)."""
+    name_of = {id(p): n for n, p in model.named_parameters()}
+    patterns = list(stage.lr_scale)
+    members: dict[str | None, list[nn.Parameter]] = {None: [], **{pattern: [] for pattern in patterns}}
+    for param in params:
+        match = next((pattern for pattern in patterns if fnmatch.fnmatchcase(name_of[id(param)], pattern)), None)
+        members[match].append(param)
+    unmatched = [pattern for pattern in patterns if not members[pattern]]
+    if unmatched:
+        raise ValueError(f"stage {stage.name!r}: lr_scale pattern(s) {unmatched} match no parameter this stage trains")
+    groups = [{"params": members[None], "lr": stage.lr}] if members[None] else []
+    return groups + [{"params": members[p], "lr": stage.lr * stage.lr_scale[p]} for p in patterns]

@@ -56,7 +56,7 @@ from mmfuse.train.checkpoint import (
 )
 from mmfuse.train.config import StageConfig, TrainConfig
 from mmfuse.train.lora import lora_parameters, merge_lora
-from mmfuse.train.stage import apply_stage, group_parameters
+from mmfuse.train.stage import apply_stage, group_parameters, optimizer_groups
 
 ExportFn = Callable[[nn.Module, Path], None]
 
@@ -184,13 +184,14 @@ class Trainer:
         """Run stage ``index`` from ``pos``; ``checkpoint``: a mid-stage checkpoint to continue from."""
         stage = self.config.stages[index]
         accelerator = stage_accelerator(stage.mixed_precision)
-        params = apply_stage(self.model, stage)
+        groups = optimizer_groups(self.model, apply_stage(self.model, stage), stage)
+        params = [p for group in groups for p in group["params"]]
         names = _names(self.model, params)
         self._set_gradient_checkpointing(stage.gradient_checkpointing)
         if checkpoint is not None:
             load_weights(self.model, checkpoint / WEIGHTS_FILE)
         model = accelerator.prepare(self.model)
-        optimizer = torch.optim.AdamW(params, lr=stage.lr, weight_decay=stage.weight_decay)
+        optimizer = torch.optim.AdamW(groups, lr=stage.lr, weight_decay=stage.weight_decay)
         scheduler = stage_scheduler(optimizer, stage)
         optimizer = accelerator.prepare(optimizer)
         if checkpoint is not None:
