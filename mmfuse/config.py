@@ -146,7 +146,9 @@ class ConnectorConfig(JsonConfig):
 @dataclass
 class FusionConfig(JsonConfig):
     """Which survey type and its settings: ``type`` "A" (cross-attention, options of
-    :class:`~mmfuse.fusion.CrossAttentionFusion`) or "C" (non-tokenized early fusion)."""
+    :class:`~mmfuse.fusion.CrossAttentionFusion`), "B" (custom layers: ``options.mechanism`` picks one of
+    ``mmfuse.fusion.TYPE_B_MECHANISMS``, e.g. ``adapter_prompts``, the rest are its options) or "C"
+    (non-tokenized early fusion)."""
 
     type: str = "C"
     options: dict[str, Any] = field(default_factory=dict)

@@ -106,7 +106,7 @@ def test_each_block_projects_each_modality_from_its_own_width(tokenizer_dir):
         width = encoder.hidden_size
         assert all(block.media[modality].to_k.in_features == width for block in model.fusion.blocks)
     image_only = MultimodalLM.from_config(tiny_config(tokenizer_dir, fusion=FusionConfig(type="A")))
-    assert sorted(image_only.fusion.blocks[0].media) == ["image"] and sorted(image_only.fusion.markers) == ["image"]
+    assert sorted(image_only.fusion.blocks[0].media) == ["image"] and sorted(image_only.fusion.markers.embeddings) == ["image"]
 
 
 def test_text_before_any_media_gets_exactly_zero_cross_attention(tokenizer_dir, media_dir):

@@ -1,18 +1,29 @@
-"""Fusion strategies, one per survey type."""
+"""Fusion strategies, one per survey type (Type-B: one per custom-layer mechanism)."""
 
 from ..config import FusionConfig
+from .adapter import AdapterPromptFusion
 from .base import FusionStrategy
-from .cross_attention import MARKER_IDS, CrossAttentionFusion
+from .cross_attention import CrossAttentionFusion
 from .embedding import PLACEHOLDER_IDS, EmbeddingFusion
+from .expert import VisualExpertFusion
+from .markers import MARKER_IDS
 
 STRATEGIES = {"A": CrossAttentionFusion, "C": EmbeddingFusion}
+TYPE_B_MECHANISMS = {"adapter_prompts": AdapterPromptFusion, "visual_expert": VisualExpertFusion}
 
 
 def build_fusion(cfg: FusionConfig) -> FusionStrategy:
+    """The strategy for ``cfg.type``; Type-B picks its mechanism with ``options.mechanism``."""
+    options = dict(cfg.options)
+    if cfg.type == "B":
+        mechanism = options.pop("mechanism", None)
+        if mechanism not in TYPE_B_MECHANISMS:
+            raise ValueError(f"fusion.type 'B' needs options.mechanism, one of {sorted(TYPE_B_MECHANISMS)}; got {mechanism!r}")
+        return TYPE_B_MECHANISMS[mechanism](**options)
     if cfg.type not in STRATEGIES:
-        raise ValueError(f"fusion.type {cfg.type!r} is not available; available: {sorted(STRATEGIES)}")
+        raise ValueError(f"fusion.type {cfg.type!r} is not available; available: {sorted([*STRATEGIES, 'B'])}")
     return STRATEGIES[cfg.type](**cfg.options)
 
 
-__all__ = ["MARKER_IDS", "PLACEHOLDER_IDS", "STRATEGIES", "CrossAttentionFusion", "EmbeddingFusion", "FusionStrategy",
-           "build_fusion"]
+__all__ = ["MARKER_IDS", "PLACEHOLDER_IDS", "STRATEGIES", "TYPE_B_MECHANISMS", "AdapterPromptFusion", "CrossAttentionFusion",
+           "EmbeddingFusion", "FusionStrategy", "VisualExpertFusion", "build_fusion"]

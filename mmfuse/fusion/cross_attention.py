@@ -34,8 +34,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from .base import FusionStrategy
+from .layers import decoder_layers
+from .markers import MARKER_IDS, MediaMarkers, check_item_counts
 
-MARKER_IDS = {"image": -300, "audio": -301, "video": -302}
 PLACEMENTS = ("openflamingo", "idefics")
 MEDIA_ATTENTION = ("immediate", "all_previous")
 
@@ -107,16 +108,6 @@ class GatedCrossAttentionBlock(nn.Module):
         return x + self.ff_gate.tanh() * self.ff(x)
 
 
-def decoder_layers(llm: nn.Module) -> nn.ModuleList:
-    """The decoder layer list of a Hugging Face causal LM: the ModuleList as long as its layer count."""
-    config = llm.config.get_text_config()
-    n = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", None)
-    for module in llm.modules():
-        if isinstance(module, nn.ModuleList) and len(module) == n:
-            return module
-    raise ValueError(f"{type(llm).__name__}: found no list of {n} decoder layers to attach cross-attention to")
-
-
 def cross_attention_layers(num_layers: int, every: int, placement: str | list[int]) -> list[int]:
     """Decoder layer indices that get a block: OpenFlamingo ``(i + 1) % every == 0``, IDEFICS
     ``i % every == 0``, or an explicit list."""
@@ -145,7 +136,7 @@ class CrossAttentionFusion(FusionStrategy):
         self.num_heads, self.ff_mult, self.qk_norm = num_heads, ff_mult, qk_norm
         self.layer_indices: list[int] = []
         self.blocks = nn.ModuleList()
-        self.markers = nn.ParameterDict()
+        self.markers = MediaMarkers([], 1, 0.0)
         self._generation_context: MediaContext | None = None
 
     # -- layout -----------------------------------------------------------------------------------
@@ -158,9 +149,6 @@ class CrossAttentionFusion(FusionStrategy):
         return encoder_dim
 
     def attach(self, llm: nn.Module, media_dims: dict[str, int]) -> None:
-        unknown = sorted(set(media_dims) - set(MARKER_IDS))
-        if unknown:
-            raise ValueError(f"cross-attention fusion: no media marker for modalities {unknown}; known: {sorted(MARKER_IDS)}")
         config = llm.config.get_text_config()
         dim = llm.get_input_embeddings().embedding_dim
         heads = self.num_heads or getattr(config, "num_attention_heads", None) or config.n_head
@@ -168,8 +156,7 @@ class CrossAttentionFusion(FusionStrategy):
         self.layer_indices = cross_attention_layers(len(layers), self.every, self.placement)
         self.blocks = nn.ModuleList(GatedCrossAttentionBlock(dim, media_dims, heads, self.ff_mult, self.qk_norm)
                                     for _ in self.layer_indices)
-        std = getattr(config, "initializer_range", 0.02)
-        self.markers = nn.ParameterDict({m: nn.Parameter(torch.randn(dim) * std) for m in media_dims})
+        self.markers = MediaMarkers(list(media_dims), dim, getattr(config, "initializer_range", 0.02))
         block_of = dict(zip(self.layer_indices, range(len(self.layer_indices))))
         for index, layer in enumerate(layers):
             layer.register_forward_pre_hook(self._hook(block_of.get(index)), with_kwargs=True)
@@ -201,25 +188,19 @@ class CrossAttentionFusion(FusionStrategy):
     # -- conditioning -----------------------------------------------------------------------------
     def llm_inputs(self, llm, input_ids, media):
         """-> ``{"inputs_embeds": (B, L, d), "media_context": MediaContext}``."""
-        is_marker = {m: input_ids == MARKER_IDS[m] for m in self.markers}
-        embeds = llm.get_input_embeddings()(input_ids.clamp(min=0))
-        for modality, mask in is_marker.items():
-            embeds = torch.where(mask.unsqueeze(-1), self.markers[modality].to(embeds.dtype), embeds)
+        is_marker = self.markers.masks(input_ids)
+        embeds = self.markers.embed(llm, input_ids, is_marker)
         return {"inputs_embeds": embeds, "media_context": self.media_context(input_ids, media, is_marker)}
 
     def media_context(self, input_ids: torch.Tensor, media: dict[str, torch.Tensor], is_marker: dict[str, torch.Tensor]) -> MediaContext:
         """Order each row's media items by marker position and project them once per block into
         padded keys and values ``(B, items_per_row * tokens, dim)``."""
-        counts = {m: int(mask.sum()) for m, mask in is_marker.items()}
-        for modality, n_markers in counts.items():
-            n_items = 0 if media.get(modality) is None else media[modality].shape[0]
-            if n_markers != n_items:
-                raise ValueError(f"{modality}: the batch has {n_markers} media markers but {n_items} encoded items")
+        counts = check_item_counts(is_marker, media)
         any_marker = torch.stack(list(is_marker.values())).any(dim=0)  # (B, L)
         media_index = any_marker.long().cumsum(dim=1)
         batch, tokens = input_ids.shape[0], max((media[m].shape[1] for m, n in counts.items() if n), default=1)
         per_row = max(int(media_index[:, -1].max()) if batch else 0, 1)  # the one host sync: it sizes the keys
-        anchor = next(iter(self.markers.values()))
+        anchor = next(iter(self.markers.embeddings.values()))
         shape = (len(self.blocks), batch, per_row, tokens, anchor.shape[0])
         keys = torch.zeros(shape, dtype=anchor.dtype, device=input_ids.device)
         values = torch.zeros_like(keys)

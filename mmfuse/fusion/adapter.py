@@ -1,0 +1,187 @@
+"""Type-B adapter prompts (LLaMA-Adapter V1, Zhang et al. 2023).
+
+``prompt_length`` learned prompt vectors per adapted layer (the top ``layers`` decoder layers) are
+projected by that layer's own frozen key and value projections, with no rotary position, and every
+query attends to them through a *separate* softmax whose output is scaled by a per-head gate that
+starts at 0 (``tanh(gate)`` as in the released code, or the paper's plain ``gate``)::
+
+    out = attention(q, K, V) + g_h * softmax(q K_p^T * scale) V_p
+
+so the adapted model starts as the bare LLM. Grouped-query attention is handled by sharing each
+key/value head's prompt keys across its query heads. Multimodal (the paper's ScienceQA model): each
+row's global media feature (the connector's output averaged over its tokens, and over the row's
+items) is added to every prompt of every adapted layer.
+
+How it reaches the LLM: through transformers' attention interface. The LLM's attention
+implementation is set to :data:`ATTENTION_NAME`, a function that runs the original implementation
+(sdpa, eager, flash, ...) and adds the prompt term; queries arrive there after the model's own
+rotary embedding, so nothing of the LLM is re-implemented. The per-row media features travel as the
+``adapter_context`` keyword of the LLM's forward, which Hugging Face decoders hand to every attention
+call; during ``generate`` (which rejects unknown keywords) they are set for the duration of the call.
+Each media item keeps one marker position (:mod:`.markers`) so that its row is known.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import weakref
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+from transformers import AttentionInterface
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from .base import FusionStrategy
+from .layers import attention_module, decoder_layers
+from .markers import MARKER_IDS, MediaMarkers, check_item_counts
+
+ATTENTION_NAME = "mmfuse_adapter_prompts"
+GATES = ("tanh", "linear")
+
+# attention module -> (its fusion, the adapted-layer slot or None); weak, so models can be freed
+_ATTENTION_OWNERS: "weakref.WeakKeyDictionary[nn.Module, tuple[AdapterPromptFusion, int | None]]" = weakref.WeakKeyDictionary()
+
+
+def project_prompts(module: nn.Module, prompts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(n, K, d)`` prompts through the attention module's frozen key/value projections (and its key
+    norm, if it has one) -> keys and values ``(n, kv_heads, K, head_dim)``; no rotary position."""
+    head_dim = module.head_dim
+    if hasattr(module, "k_proj") and hasattr(module, "v_proj"):
+        keys, values = module.k_proj(prompts), module.v_proj(prompts)
+    elif hasattr(module, "c_attn"):  # GPT-2's fused q/k/v projection
+        _, keys, values = module.c_attn(prompts).split(module.split_size, dim=2)
+    else:
+        raise ValueError(f"{type(module).__name__}: adapter prompts need k_proj/v_proj or a fused c_attn")
+    keys = keys.unflatten(-1, (-1, head_dim)).transpose(1, 2)
+    values = values.unflatten(-1, (-1, head_dim)).transpose(1, 2)
+    if isinstance(getattr(module, "k_norm", None), nn.Module):  # Qwen3/OLMo-style per-head key norm
+        keys = module.k_norm(keys)
+    return keys, values
+
+
+def adapter_attention(module, query, key, value, attention_mask, **kwargs):
+    """The registered attention function: the original attention plus the adapter-prompt term."""
+    if module not in _ATTENTION_OWNERS:
+        raise ValueError(f"{type(module).__name__} (layer {getattr(module, 'layer_idx', '?')}) runs attention "
+                         f"{ATTENTION_NAME!r} but belongs to no adapter-prompt model; a copied config keeps that setting: "
+                         "call set_attn_implementation('sdpa') on the copy")
+    fusion, slot = _ATTENTION_OWNERS[module]
+    context = kwargs.pop("adapter_context", None)
+    base = ALL_ATTENTION_FUNCTIONS.get_interface(fusion.base_attention, sys.modules[type(module).__module__].eager_attention_forward)
+    out, weights = base(module, query, key, value, attention_mask, **kwargs)
+    if slot is None:
+        return out, weights
+    context = context if context is not None else fusion._generation_context
+    scaling = kwargs.get("scaling") or module.head_dim**-0.5
+    return out + fusion.prompt_attention(module, slot, query, scaling, context).to(out.dtype), weights
+
+
+AttentionInterface.register(ATTENTION_NAME, adapter_attention)
+
+
+class AdapterPromptFusion(FusionStrategy):
+    survey_type = "B"
+
+    def __init__(self, prompt_length: int = 10, layers: int | list[int] | None = None, gate: str = "tanh"):
+        super().__init__()
+        if prompt_length < 1:
+            raise ValueError(f"adapter prompts: prompt_length must be >= 1, got {prompt_length}")
+        if gate not in GATES:
+            raise ValueError(f"adapter prompts: gate must be one of {GATES}, got {gate!r}")
+        self.prompt_length, self.layers, self.gate = prompt_length, layers, gate
+        self.layer_indices: list[int] = []
+        self.base_attention = "sdpa"
+        self.prompts = nn.Parameter(torch.zeros(0))
+        self.gates = nn.Parameter(torch.zeros(0))
+        self.markers = MediaMarkers([], 1, 0.0)
+        self._generation_context: torch.Tensor | None = None
+
+    def layout(self, modality: str, num_tokens: int) -> list[int]:
+        return [MARKER_IDS[modality]]
+
+    def attach(self, llm: nn.Module, media_dims: dict[str, int]) -> None:
+        config = llm.config.get_text_config()
+        dim = llm.get_input_embeddings().embedding_dim
+        wrong = {m: w for m, w in media_dims.items() if w != dim}
+        if wrong:
+            raise ValueError(f"adapter prompts: media features must have the LLM width {dim}, got {wrong}")
+        layers = decoder_layers(llm)
+        self.layer_indices = adapted_layers(len(layers), self.layers)
+        attention = [attention_module(layer) for layer in layers]
+        heads = getattr(config, "num_attention_heads", None) or config.n_head
+        # unit-scale prompts, as LLaMA-Adapter's nn.Embedding: they meet k/v projections made for normed states
+        self.prompts = nn.Parameter(torch.randn(len(self.layer_indices), self.prompt_length, dim))
+        self.gates = nn.Parameter(torch.zeros(len(self.layer_indices), heads))
+        self.markers = MediaMarkers(list(media_dims), dim, getattr(config, "initializer_range", 0.02))
+        slot_of = {index: slot for slot, index in enumerate(self.layer_indices)}
+        for index, module in enumerate(attention):
+            _ATTENTION_OWNERS[module] = (self, slot_of.get(index))
+        self.base_attention = llm.config._attn_implementation
+        llm.set_attn_implementation(ATTENTION_NAME)
+
+    def prompt_attention(self, module: nn.Module, slot: int, query: torch.Tensor, scaling: float,
+                         media: torch.Tensor | None) -> torch.Tensor:
+        """query ``(B, heads, L, head_dim)`` -> the gated prompt term ``(B, L, heads, head_dim)``.
+        ``media``: ``(B, d)`` per-row features added to the prompts, or None."""
+        prompts = self.prompts[slot].unsqueeze(0)  # (1, K, d)
+        if media is not None:
+            prompts = prompts + media.unsqueeze(1).to(prompts.dtype)  # (B, K, d)
+        keys, values = project_prompts(module, prompts.to(query.dtype))
+        groups = query.shape[1] // keys.shape[1]
+        keys, values = keys.repeat_interleave(groups, dim=1), values.repeat_interleave(groups, dim=1)
+        weights = torch.softmax((query @ keys.transpose(-1, -2)) * scaling, dim=-1, dtype=torch.float32)
+        out = weights.to(values.dtype) @ values  # (B, heads, L, head_dim)
+        gate = self.gates[slot].tanh() if self.gate == "tanh" else self.gates[slot]
+        return (gate.to(out.dtype).view(1, -1, 1, 1) * out).transpose(1, 2)
+
+    def llm_inputs(self, llm, input_ids, media):
+        """-> ``{"inputs_embeds": (B, L, d), "adapter_context": (B, d) or None}``."""
+        masks = self.markers.masks(input_ids)
+        counts = check_item_counts(masks, media)
+        embeds = self.markers.embed(llm, input_ids, masks)
+        return {"inputs_embeds": embeds, "adapter_context": row_features(masks, media, counts, embeds.shape[0])}
+
+    @contextlib.contextmanager
+    def generation_inputs(self, inputs: dict) -> Iterator[dict]:
+        """``llm.generate`` accepts no extra keywords: the media features are set for the call instead."""
+        inputs = dict(inputs)
+        self._generation_context = inputs.pop("adapter_context")
+        try:
+            yield inputs
+        finally:
+            self._generation_context = None
+
+
+def adapted_layers(num_layers: int, layers: int | list[int] | None) -> list[int]:
+    """The top ``layers`` decoder layers (all when None), or an explicit list of indices."""
+    if layers is None:
+        return list(range(num_layers))
+    if isinstance(layers, list):
+        if not layers or any(not 0 <= i < num_layers for i in layers):
+            raise ValueError(f"adapter prompts: layers {layers} must be a non-empty list of indices in [0, {num_layers})")
+        return sorted(set(layers))
+    if not 1 <= layers <= num_layers:
+        raise ValueError(f"adapter prompts: layers must be 1..{num_layers} (the top L layers), got {layers}")
+    return list(range(num_layers - layers, num_layers))
+
+
+def row_features(masks: dict[str, torch.Tensor], media: dict[str, torch.Tensor], counts: dict[str, int],
+                 batch: int) -> torch.Tensor | None:
+    """Each row's global media feature ``(B, d)``: connector outputs averaged over tokens and over the
+    row's items (rows without media get 0); None when the batch has no media."""
+    if not any(counts.values()):
+        return None
+    total = counts_per_row = None
+    for modality, mask in masks.items():
+        if not counts[modality]:
+            continue
+        rows = mask.nonzero(as_tuple=True)[0]
+        items = media[modality].mean(dim=1)  # (n, d)
+        if total is None:
+            total = items.new_zeros(batch, items.shape[-1])
+            counts_per_row = items.new_zeros(batch, 1)
+        total = total.index_add(0, rows, items)
+        counts_per_row = counts_per_row.index_add(0, rows, torch.ones_like(items[:, :1]))
+    return total / counts_per_row.clamp(min=1)

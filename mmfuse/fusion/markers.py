@@ -1,0 +1,46 @@
+"""Media markers: one position per media item in the token stream (Flamingo's ``<image>`` token).
+
+Fusion strategies that read media from inside the LLM (Type-A cross-attention, Type-B adapter
+prompts) keep the media out of the sequence; each item leaves a single marker position whose
+embedding is learned, which also tells which row and place an item belongs to.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+# Sentinel ids for marker positions: never looked up in the embedding table.
+MARKER_IDS = {"image": -300, "audio": -301, "video": -302}
+
+
+class MediaMarkers(nn.Module):
+    """One learned ``(d,)`` embedding per modality, for the modalities the model has."""
+
+    def __init__(self, modalities: list[str], dim: int, std: float):
+        super().__init__()
+        unknown = sorted(set(modalities) - set(MARKER_IDS))
+        if unknown:
+            raise ValueError(f"no media marker for modalities {unknown}; known: {sorted(MARKER_IDS)}")
+        self.embeddings = nn.ParameterDict({m: nn.Parameter(torch.randn(dim) * std) for m in modalities})
+
+    def masks(self, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        """modality -> ``(B, L)`` bool, where its markers are."""
+        return {m: input_ids == MARKER_IDS[m] for m in self.embeddings}
+
+    def embed(self, llm: nn.Module, input_ids: torch.Tensor, masks: dict[str, torch.Tensor]) -> torch.Tensor:
+        """``(B, L)`` ids with markers -> ``(B, L, d)`` input embeddings, markers at their learned vector."""
+        embeds = llm.get_input_embeddings()(input_ids.clamp(min=0))
+        for modality, mask in masks.items():
+            embeds = torch.where(mask.unsqueeze(-1), self.embeddings[modality].to(embeds.dtype), embeds)
+        return embeds
+
+
+def check_item_counts(masks: dict[str, torch.Tensor], media: dict[str, torch.Tensor]) -> dict[str, int]:
+    """Markers per modality in the batch; ValueError when a modality's encoded items do not match."""
+    counts = {m: int(mask.sum()) for m, mask in masks.items()}
+    for modality, n_markers in counts.items():
+        n_items = 0 if media.get(modality) is None else media[modality].shape[0]
+        if n_markers != n_items:
+            raise ValueError(f"{modality}: the batch has {n_markers} media markers but {n_items} encoded items")
+    return counts

@@ -1,0 +1,145 @@
+"""Type-B adapter prompts (LLaMA-Adapter V1) on tiny Llama, Qwen2 and GPT-2 configs."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from conftest import TINY_LLMS, tiny_config
+from transformers import AutoModelForCausalLM, LlamaConfig
+
+from mmfuse.config import FusionConfig
+from mmfuse.data.schema import Message, Sample
+from mmfuse.fusion.adapter import AdapterPromptFusion, adapted_layers
+from mmfuse.model import MultimodalLM
+from mmfuse.train.config import StageConfig
+from mmfuse.train.stage import apply_stage
+
+
+def _model(tokenizer_dir, llm="llama", **options) -> MultimodalLM:
+    fusion = FusionConfig(type="B", options={"mechanism": "adapter_prompts", "prompt_length": 3, **options})
+    return MultimodalLM.from_config(tiny_config(tokenizer_dir, llm, fusion=fusion)).eval()
+
+
+def _text_batch(model):
+    return model.collator()([model.processor(Sample("t", [Message("user", "what colour is it?"), Message("assistant", "red")]))])
+
+
+def _image_sample(media_dir, image="a.png"):
+    return Sample("i", [Message("user", "<image>\nwhat colour is the circle?"), Message("assistant", "red")],
+                  {"image": [media_dir / image]})
+
+
+def _open_gates(model, value=1.0):
+    with torch.no_grad():
+        model.fusion.gates.fill_(value)
+
+
+@pytest.mark.parametrize("llm", sorted(TINY_LLMS))
+def test_closed_gates_give_the_bare_llms_logits_and_open_gates_do_not(llm, tokenizer_dir):
+    model = _model(tokenizer_dir, llm)
+    batch = _text_batch(model)
+    bare = AutoModelForCausalLM.from_config(copy.deepcopy(model.llm.config)).eval()  # its own config: the attention setting is per config
+    bare.load_state_dict(model.llm.state_dict())
+    bare.set_attn_implementation(model.fusion.base_attention)
+    with torch.no_grad():
+        reference = bare(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        torch.testing.assert_close(model(**batch).logits, reference, rtol=0, atol=0)  # exactly: the term is 0 * finite
+        _open_gates(model)
+        assert (model(**batch).logits - reference).abs().max() > 1e-5
+
+
+def test_prompt_term_matches_a_separate_softmax_over_prompt_keys(tokenizer_dir):
+    model = _model(tokenizer_dir, layers=1)
+    fusion, attention = model.fusion, model.llm.model.layers[1].self_attn
+    _open_gates(model, 0.5)
+    query = torch.randn(2, 4, 5, attention.head_dim)  # 4 query heads, 2 key/value heads
+    got = fusion.prompt_attention(attention, 0, query, attention.head_dim**-0.5, None)
+    keys = attention.k_proj(fusion.prompts[0]).view(3, 2, -1).transpose(0, 1)  # (kv_heads, K, head_dim): no rotary
+    values = attention.v_proj(fusion.prompts[0]).view(3, 2, -1).transpose(0, 1)
+    for head in range(4):
+        kv = head // 2  # grouped-query attention: query heads 0-1 share key/value head 0
+        weights = torch.softmax(query[:, head] @ keys[kv].T / attention.head_dim**0.5, dim=-1)
+        torch.testing.assert_close(got[:, :, head], torch.tanh(torch.tensor(0.5)) * weights @ values[kv])
+
+
+def test_only_the_top_layers_are_adapted(tokenizer_dir):
+    assert adapted_layers(32, 30) == list(range(2, 32)) and adapted_layers(4, None) == [0, 1, 2, 3]
+    assert adapted_layers(4, [3, 1]) == [1, 3]
+    with pytest.raises(ValueError, match="top L layers"):
+        adapted_layers(4, 5)
+    model = _model(tokenizer_dir, layers=1)
+    batch = _text_batch(model)
+    hidden = {}
+    for index, layer in enumerate(model.llm.model.layers):
+        layer.register_forward_hook(lambda mod, args, out, index=index: hidden.__setitem__(index, (out[0] if isinstance(out, tuple) else out).clone()))
+    with torch.no_grad():
+        model(**batch)
+        closed = dict(hidden)
+        _open_gates(model)
+        model(**batch)
+    torch.testing.assert_close(hidden[0], closed[0], rtol=0, atol=0)  # layer 0 has no prompts
+    assert (hidden[1] - closed[1]).abs().max() > 1e-5
+
+
+def test_image_feature_is_added_to_every_prompt(tokenizer_dir, media_dir):
+    model = _model(tokenizer_dir)
+    _open_gates(model)
+    collate = model.collator()
+    logits = []
+    for image in ("a.png", "b.png"):
+        with torch.no_grad():
+            logits.append(model(**collate([model.processor(_image_sample(media_dir, image))])).logits)
+    assert (logits[0] - logits[1]).abs().max() > 1e-5
+    with torch.no_grad():  # the text before the image sees the image too: prompts are visible to every token
+        batch = collate([model.processor(_image_sample(media_dir))])
+        inputs = model.llm_inputs(batch["input_ids"], batch["media"])
+        assert inputs["adapter_context"].shape == (1, model.llm.config.hidden_size)
+
+
+def test_cached_and_uncached_generation_agree(tokenizer_dir, media_dir):
+    model = _model(tokenizer_dir)
+    _open_gates(model, 0.7)
+    batch = model.collator("left")([model.processor(_image_sample(media_dir, image), for_generation=True)
+                                    for image in ("a.png", "b.png")])
+    kw = dict(max_new_tokens=6, do_sample=False)
+    cached = model.generate(batch["input_ids"], batch["attention_mask"], batch["media"], use_cache=True, **kw)
+    uncached = model.generate(batch["input_ids"], batch["attention_mask"], batch["media"], use_cache=False, **kw)
+    assert torch.equal(cached, uncached)
+    assert model.fusion._generation_context is None
+
+
+def test_frozen_llm_is_bit_identical_after_a_step_and_the_gates_move(tokenizer_dir, media_dir):
+    model = _model(tokenizer_dir).train()
+    params = apply_stage(model, StageConfig(name="x", train=["fusion", "connectors"], data=["d"], steps=1, lr=1e-2))
+    before = {k: v.clone() for k, v in model.llm.state_dict().items()}
+    optimizer = torch.optim.AdamW(params, lr=1e-2)
+    model(**model.collator()([model.processor(_image_sample(media_dir))])).loss.backward()
+    assert model.fusion.gates.grad.abs().sum() > 0  # zero gates still get a gradient
+    optimizer.step()
+    assert all(torch.equal(v, model.llm.state_dict()[k]) for k, v in before.items())
+    assert model.fusion.gates.abs().sum() > 0
+
+
+def test_linear_gate_and_save_load(tokenizer_dir, media_dir, tmp_path):
+    model = _model(tokenizer_dir, gate="linear")
+    _open_gates(model, 0.3)
+    batch = model.collator()([model.processor(_image_sample(media_dir))])
+    model.save_pretrained(tmp_path / "m")
+    loaded = MultimodalLM.from_pretrained(tmp_path / "m").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**batch).logits, model(**batch).logits)
+    with pytest.raises(ValueError, match="gate must be one of"):
+        AdapterPromptFusion(gate="sigmoid")
+
+
+def test_llama_adapter_parameter_count_at_llama_7b():
+    """LLaMA-Adapter on LLaMA-7B: 10 prompts x 30 layers x 4096 = 1,228,800 (+ 30 x 32 gates), ~1.2M."""
+    config = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                         num_key_value_heads=32, vocab_size=32000)
+    with torch.device("meta"):
+        llm = AutoModelForCausalLM.from_config(config)
+    fusion = AdapterPromptFusion(prompt_length=10, layers=30)
+    fusion.attach(llm, {})
+    assert sum(p.numel() for p in fusion.parameters()) == 10 * 30 * 4096 + 30 * 32

@@ -1,0 +1,125 @@
+"""Type-B visual expert (CogVLM) on tiny Llama, Qwen2 and GPT-2 configs."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from conftest import TINY_LLMS, tiny_config
+from transformers import AutoModelForCausalLM
+
+from mmfuse.config import FusionConfig
+from mmfuse.data.schema import Message, Sample
+from mmfuse.fusion.expert import BOI_IDS, EOI_IDS
+from mmfuse.fusion.layers import decoder_layers
+from mmfuse.model import MultimodalLM
+from mmfuse.train.config import StageConfig
+from mmfuse.train.stage import apply_stage
+
+
+def _model(tokenizer_dir, llm="llama") -> MultimodalLM:
+    fusion = FusionConfig(type="B", options={"mechanism": "visual_expert"})
+    return MultimodalLM.from_config(tiny_config(tokenizer_dir, llm, image="glu", fusion=fusion)).eval()
+
+
+def _bare(model):
+    bare = AutoModelForCausalLM.from_config(copy.deepcopy(model.llm.config)).eval()
+    bare.load_state_dict(model.llm.state_dict())
+    return bare
+
+
+def _image_batch(model, media_dir, image="a.png"):
+    sample = Sample("i", [Message("user", "look <image> what colour?"), Message("assistant", "red")], {"image": [media_dir / image]})
+    return model.collator()([model.processor(sample)])
+
+
+def _layer_outputs(model, batch) -> list[torch.Tensor]:
+    outputs = []
+    handles = [layer.register_forward_hook(lambda m, a, o: outputs.append((o[0] if isinstance(o, tuple) else o).clone()))
+               for layer in decoder_layers(model.llm)]
+    with torch.no_grad():
+        model(**batch)
+    for handle in handles:
+        handle.remove()
+    return outputs
+
+
+@pytest.mark.parametrize("llm", sorted(TINY_LLMS))
+def test_text_only_gives_the_bare_llms_logits_and_fresh_experts_change_nothing(llm, tokenizer_dir, media_dir):
+    model = _model(tokenizer_dir, llm)
+    bare = _bare(model)
+    text = model.collator()([model.processor(Sample("t", [Message("user", "what colour?"), Message("assistant", "red")]))])
+    with torch.no_grad():
+        torch.testing.assert_close(model(**text).logits, bare(input_ids=text["input_ids"]).logits, rtol=0, atol=0)
+        # with an image: the experts start as copies, so the bare LLM on the same embeddings and positions agrees
+        batch = _image_batch(model, media_dir)
+        inputs = model.llm_inputs(batch["input_ids"], batch["media"])
+        positions = []
+        model.llm.get_decoder().register_forward_pre_hook(lambda m, a, k: positions.append(k["position_ids"]), with_kwargs=True)
+        fused = model(**batch).logits
+        reference = bare(inputs_embeds=inputs["inputs_embeds"], position_ids=positions[-1]).logits
+    torch.testing.assert_close(fused, reference, rtol=1e-5, atol=1e-5)
+
+
+def test_image_positions_share_one_position_id(tokenizer_dir, media_dir):
+    model = _model(tokenizer_dir)
+    batch = _image_batch(model, media_dir)
+    seen = []
+    model.llm.get_decoder().register_forward_pre_hook(lambda m, a, k: seen.append(k["position_ids"]), with_kwargs=True)
+    with torch.no_grad():
+        model(**batch)
+    ids, positions = batch["input_ids"][0].tolist(), seen[-1][0].tolist()
+    boi, eoi = ids.index(BOI_IDS["image"]), ids.index(EOI_IDS["image"])
+    assert boi > 0 and eoi - boi - 1 == 4  # 4 image tokens from the tiny ViT
+    assert positions[: boi + 1] == list(range(boi + 1))
+    assert positions[boi + 1 : eoi] == [boi + 1] * 4  # one id for the whole image
+    assert positions[eoi:] == list(range(boi + 2, boi + 2 + len(ids) - eoi))  # EOI, then text, consecutive
+
+
+def test_routing_follows_the_token_type_mask(tokenizer_dir, media_dir):
+    model = _model(tokenizer_dir)
+    batch = _image_batch(model, media_dir)
+    before = _layer_outputs(model, batch)[-1]
+    with torch.no_grad():  # perturb the last layer's expert MLP only
+        for p in model.fusion.experts[-1]["mlp"].parameters():
+            p.add_(torch.randn_like(p))
+    after = _layer_outputs(model, batch)[-1]
+    changed = (after - before).abs().amax(dim=-1)[0] > 0
+    ids = batch["input_ids"][0]
+    expected = (ids == BOI_IDS["image"]) | (ids < 0) & (ids != EOI_IDS["image"])  # BOI and the image, not EOI
+    assert torch.equal(changed, expected)
+
+
+def test_frozen_llm_is_bit_identical_after_a_step_and_the_expert_moves(tokenizer_dir, media_dir):
+    model = _model(tokenizer_dir).train()
+    params = apply_stage(model, StageConfig(name="x", train=["fusion", "connectors"], data=["d"], steps=1, lr=1e-2))
+    before = {k: v.clone() for k, v in model.llm.state_dict().items()}
+    expert_before = model.fusion.experts[0]["mlp"].state_dict()
+    expert_before = {k: v.clone() for k, v in expert_before.items()}
+    optimizer = torch.optim.AdamW(params, lr=1e-2)
+    model(**_image_batch(model, media_dir)).loss.backward()
+    optimizer.step()
+    assert all(torch.equal(v, model.llm.state_dict()[k]) for k, v in before.items())
+    assert any(not torch.equal(v, model.fusion.experts[0]["mlp"].state_dict()[k]) for k, v in expert_before.items())
+
+
+def test_cached_and_uncached_generation_agree_and_save_load(tokenizer_dir, media_dir, tmp_path):
+    model = _model(tokenizer_dir)
+    with torch.no_grad():
+        for p in model.fusion.experts.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    samples = [Sample(f"g{i}", [Message("user", f"{'look ' * i}<image> what colour?")], {"image": [media_dir / f]})
+               for i, f in enumerate(("a.png", "b.png"))]
+    batch = model.collator("left")([model.processor(s, for_generation=True) for s in samples])
+    kw = dict(max_new_tokens=6, do_sample=False, min_new_tokens=6)
+    cached = model.generate(batch["input_ids"], batch["attention_mask"], batch["media"], use_cache=True, **kw)
+    uncached = model.generate(batch["input_ids"], batch["attention_mask"], batch["media"], use_cache=False, **kw)
+    assert torch.equal(cached, uncached)
+    alone = model.collator("left")([model.processor(samples[0], for_generation=True)])
+    assert torch.equal(model.generate(alone["input_ids"], alone["attention_mask"], alone["media"], **kw)[0], cached[0])
+    model.save_pretrained(tmp_path / "m")
+    loaded = MultimodalLM.from_pretrained(tmp_path / "m").eval()
+    batch = _image_batch(model, media_dir)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**batch).logits, model(**batch).logits)
