@@ -199,12 +199,17 @@ class MultimodalLM(nn.Module):
         return self.fusion.llm_inputs(self.llm, input_ids, self.encode_media(media or {}))
 
     def forward(self, input_ids, attention_mask=None, labels=None, media=None, ids=None, **llm_kwargs):
-        """Logits ``(B, L, vocab)`` and, with ``labels``, the next-token loss on labelled positions."""
+        """Logits ``(B, L, vocab)`` and, with ``labels``, the next-token loss on labelled positions (plus
+        the fusion's auxiliary loss, e.g. an MoE balance loss)."""
         try:
             inputs = self.llm_inputs(input_ids, media)
         except ValueError as err:
             raise ValueError(f"batch {ids or '?'}: {err}") from err
-        return self.llm(attention_mask=attention_mask, labels=labels, **inputs, **llm_kwargs)
+        output = self.llm(attention_mask=attention_mask, labels=labels, **inputs, **llm_kwargs)
+        auxiliary = self.fusion.auxiliary_loss()
+        if output.loss is not None and auxiliary is not None:
+            output.loss = output.loss + auxiliary
+        return output
 
     @torch.no_grad()
     def generate(self, input_ids, attention_mask=None, media=None, ids=None, labels=None, **generate_kwargs):

@@ -99,6 +99,13 @@ def test_builtin_recipes_load_with_their_survey_type():
     assert load_recipe("multimodal-gpt").train.stages[1].lora == ["llm", "fusion"]
     assert load_recipe("dolphins").model.connectors["video"].max_frames == 8
     assert load_recipe("otter").model.llm.add_tokens == ["<answer>", "<|endofchunk|>"]
+    mechanisms = {"llama-adapter": "adapter_prompts", "cogvlm": "visual_expert", "mplug-owl2": "modality_adaptive",
+                  "moe-llava": "moe"}
+    for name, mechanism in mechanisms.items():
+        recipe = load_recipe(name)
+        assert recipe.survey_type == "B" and recipe.model.fusion.options["mechanism"] == mechanism
+    assert load_recipe("cogvlm").model.connectors["image"].kind == "glu"
+    assert load_recipe("moe-llava").train.stages[-1].train == ["fusion"]  # experts and routers only
 
 
 def test_unknown_recipe_lists_the_builtins():

@@ -82,7 +82,7 @@ def test_routing_follows_the_token_type_mask(tokenizer_dir, media_dir):
     batch = _image_batch(model, media_dir)
     before = _layer_outputs(model, batch)[-1]
     with torch.no_grad():  # perturb the last layer's expert MLP only
-        for p in model.fusion.experts[-1]["mlp"].parameters():
+        for p in model.fusion.experts["image"][-1]["mlp"].parameters():
             p.add_(torch.randn_like(p))
     after = _layer_outputs(model, batch)[-1]
     changed = (after - before).abs().amax(dim=-1)[0] > 0
@@ -95,13 +95,13 @@ def test_frozen_llm_is_bit_identical_after_a_step_and_the_expert_moves(tokenizer
     model = _model(tokenizer_dir).train()
     params = apply_stage(model, StageConfig(name="x", train=["fusion", "connectors"], data=["d"], steps=1, lr=1e-2))
     before = {k: v.clone() for k, v in model.llm.state_dict().items()}
-    expert_before = model.fusion.experts[0]["mlp"].state_dict()
+    expert_before = model.fusion.experts["image"][0]["mlp"].state_dict()
     expert_before = {k: v.clone() for k, v in expert_before.items()}
     optimizer = torch.optim.AdamW(params, lr=1e-2)
     model(**_image_batch(model, media_dir)).loss.backward()
     optimizer.step()
     assert all(torch.equal(v, model.llm.state_dict()[k]) for k, v in before.items())
-    assert any(not torch.equal(v, model.fusion.experts[0]["mlp"].state_dict()[k]) for k, v in expert_before.items())
+    assert any(not torch.equal(v, model.fusion.experts["image"][0]["mlp"].state_dict()[k]) for k, v in expert_before.items())
 
 
 def test_cached_and_uncached_generation_agree_and_save_load(tokenizer_dir, media_dir, tmp_path):
@@ -123,3 +123,45 @@ def test_cached_and_uncached_generation_agree_and_save_load(tokenizer_dir, media
     batch = _image_batch(model, media_dir)
     with torch.no_grad():
         torch.testing.assert_close(loaded(**batch).logits, model(**batch).logits)
+
+
+def _adaptive(tokenizer_dir, llm="llama") -> MultimodalLM:
+    fusion = FusionConfig(type="B", options={"mechanism": "modality_adaptive"})
+    config = tiny_config(tokenizer_dir, llm, image="qformer", fusion=fusion)
+    return MultimodalLM.from_config(config).eval()
+
+
+@pytest.mark.parametrize("llm", sorted(TINY_LLMS))
+def test_modality_adaptive_starts_as_the_bare_llm_with_ordinary_positions(llm, tokenizer_dir, media_dir):
+    model = _adaptive(tokenizer_dir, llm)
+    bare = _bare(model)
+    batch = _image_batch(model, media_dir)
+    assert not (batch["input_ids"] == BOI_IDS["image"]).any()  # no boundary vectors
+    with torch.no_grad():
+        inputs = model.llm_inputs(batch["input_ids"], batch["media"])
+        torch.testing.assert_close(model(**batch).logits, bare(inputs_embeds=inputs["inputs_embeds"]).logits, rtol=1e-5, atol=1e-5)
+    copies = model.fusion.experts["image"][0]
+    assert "mlp" not in copies and len(copies) == (3 if llm == "gpt2" else 4)  # two norms + k/v (GPT-2: fused c_attn)
+
+
+def test_modality_adaptive_routes_the_post_attention_norm(tokenizer_dir, media_dir):
+    model = _adaptive(tokenizer_dir)
+    batch = _image_batch(model, media_dir)
+    before = _layer_outputs(model, batch)[-1]
+    with torch.no_grad():
+        model.fusion.experts["image"][-1]["post_attention_layernorm"].weight.mul_(3.0)
+    changed = (_layer_outputs(model, batch)[-1] - before).abs().amax(dim=-1)[0] > 0
+    assert torch.equal(changed, batch["input_ids"][0] < 0)  # exactly the media positions
+
+
+def test_gpt2_key_value_copy_replaces_only_the_key_and_value_columns(tokenizer_dir, media_dir):
+    model = _adaptive(tokenizer_dir, "gpt2")
+    batch = _image_batch(model, media_dir)
+    with torch.no_grad():
+        base = model(**batch).logits
+        weight = model.fusion.experts["image"][0]["c_attn"].weight  # Conv1D: (in, 3 * d), q columns first
+        d = weight.shape[1] // 3
+        weight[:, :d].add_(torch.randn_like(weight[:, :d]))  # the query columns stay the shared ones
+        torch.testing.assert_close(model(**batch).logits, base, rtol=0, atol=0)
+        weight[:, d:].add_(torch.randn_like(weight[:, d:]))
+        assert (model(**batch).logits - base).abs().max() > 1e-5

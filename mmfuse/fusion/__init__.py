@@ -5,11 +5,13 @@ from .adapter import AdapterPromptFusion
 from .base import FusionStrategy
 from .cross_attention import CrossAttentionFusion
 from .embedding import PLACEHOLDER_IDS, EmbeddingFusion
-from .expert import VisualExpertFusion
+from .expert import ModalityAdaptiveFusion, RoutedExpertFusion
 from .markers import MARKER_IDS
+from .moe import MoEFusion
 
 STRATEGIES = {"A": CrossAttentionFusion, "C": EmbeddingFusion}
-TYPE_B_MECHANISMS = {"adapter_prompts": AdapterPromptFusion, "visual_expert": VisualExpertFusion}
+TYPE_B_MECHANISMS = {"adapter_prompts": AdapterPromptFusion, "visual_expert": RoutedExpertFusion,
+                     "modality_adaptive": ModalityAdaptiveFusion, "moe": MoEFusion}
 
 
 def build_fusion(cfg: FusionConfig) -> FusionStrategy:
@@ -26,4 +28,5 @@ def build_fusion(cfg: FusionConfig) -> FusionStrategy:
 
 
 __all__ = ["MARKER_IDS", "PLACEHOLDER_IDS", "STRATEGIES", "TYPE_B_MECHANISMS", "AdapterPromptFusion", "CrossAttentionFusion",
-           "EmbeddingFusion", "FusionStrategy", "VisualExpertFusion", "build_fusion"]
+           "EmbeddingFusion", "FusionStrategy", "ModalityAdaptiveFusion", "MoEFusion", "RoutedExpertFusion",
+           "build_fusion"]

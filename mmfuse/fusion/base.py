@@ -44,6 +44,11 @@ class FusionStrategy(nn.Module):
         """
         raise NotImplementedError
 
+    def auxiliary_loss(self) -> torch.Tensor | None:
+        """A loss term of the last forward that the model adds to the LM loss (an MoE router's balance
+        loss), or None."""
+        return None
+
     @contextlib.contextmanager
     def generation_inputs(self, inputs: dict) -> Iterator[dict]:
         """The keyword arguments for ``llm.generate`` made from ``llm_inputs``'s (here unchanged)."""

@@ -45,7 +45,7 @@ MEDIA_ATTENTION = ("immediate", "all_previous")
 class MediaContext:
     """What the blocks read in one LLM call.
 
-    ``keys[i]`` / ``values[i]``: block i's ``(B, K, dim)``; ``key_item``: ``(B, K)`` the
+    ``keys[i]`` / ``values[i]``: block i's ``(B, heads, K, head_dim)``; ``key_item``: ``(B, K)`` the
     1-based item number of each key in its row (0 for padding); ``media_index``: ``(B, L)`` the item
     number each token attends to (immediate) or up to (all previous), 0 before any media.
     """
@@ -95,12 +95,17 @@ class GatedCrossAttentionBlock(nn.Module):
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
         return x.unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2)
 
+    def split_heads(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(B, K, dim)`` keys and values from :attr:`media` -> contiguous ``(B, heads, K, head_dim)``
+        (keys through the key norm), done once per request so decode steps only read them."""
+        return self.k_norm(self._heads(keys)).contiguous(), self._heads(values).contiguous()
+
     def forward(self, x: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
-        """keys, values: ``(B, K, dim)`` from :attr:`media`; ``allowed``: ``(B, L, K)`` which keys each
-        token may attend to."""
+        """keys, values: ``(B, heads, K, head_dim)`` from :meth:`split_heads`; ``allowed``: ``(B, L, K)``
+        which keys each token may attend to."""
         has_media = allowed.any(dim=-1, keepdim=True)  # (B, L, 1)
         q = self.q_norm(self._heads(self.to_q(self.norm(x))))
-        keys, values = self.k_norm(self._heads(keys.to(q.dtype))), self._heads(values.to(q.dtype))
+        keys, values = keys.to(q.dtype), values.to(q.dtype)
         mask = (allowed | ~has_media).unsqueeze(1)  # rows without media attend anywhere, then are zeroed
         attended = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
         attended = self.to_out(attended.transpose(1, 2).flatten(2)) * has_media
@@ -215,8 +220,8 @@ class CrossAttentionFusion(FusionStrategy):
                     keys[i, rows, slots, : items.shape[1]] = k.to(keys.dtype)
                     values[i, rows, slots, : items.shape[1]] = v.to(values.dtype)
                 key_item[rows, slots, : items.shape[1]] = (slots + 1).unsqueeze(-1)
-        return MediaContext(list(keys.flatten(2, 3).unbind(0)), list(values.flatten(2, 3).unbind(0)),
-                            key_item.flatten(1, 2), media_index)
+        heads = [block.split_heads(k, v) for block, k, v in zip(self.blocks, keys.flatten(2, 3), values.flatten(2, 3))]
+        return MediaContext([k for k, _ in heads], [v for _, v in heads], key_item.flatten(1, 2), media_index)
 
     @contextlib.contextmanager
     def generation_inputs(self, inputs: dict) -> Iterator[dict]:

@@ -1,14 +1,24 @@
-"""Type-B visual expert (CogVLM, Wang et al. 2023).
+"""Type-B routed experts inside the LLM's layers: CogVLM's visual expert and mPLUG-Owl2's
+modality-adaptive module.
 
-An image becomes ``[BOI] N image positions [EOI]`` in the sequence (BOI and EOI are learned vectors,
+Visual expert (CogVLM, Wang et al. 2023). An image becomes ``[BOI] N image positions [EOI]`` in the sequence (BOI and EOI are learned vectors,
 the N positions hold the connector's output, CogVLM's GLU adapter). In every decoder layer, the
 positions of BOI and the image use their own copies of the attention's projections (q/k/v and the
 output projection) and of the MLP, initialised from the LLM's weights; EOI and text use the LLM's
 frozen weights. Attention is one joint causal softmax over all positions, as in the released code.
 All image positions share one rotary position id (BOI, the image, EOI take three consecutive ids).
 
-How it reaches the LLM without re-implementing it: forward hooks on the attention's projection
-modules and on the MLP replace their output at expert positions with the expert copy's output on
+Modality-adaptive module (mPLUG-Owl2, Ye et al. 2023): the media positions (the visual abstractor's
+queries, spliced in as in Type-C) use their own input norm, post-attention norm and key and value
+projections; the query and output projections and the FFN stay shared. No boundary vectors, ordinary
+positions.
+
+Both are :class:`RoutedExpertFusion` with different ``parts`` (which modules of every layer get a
+per-modality copy: ``attention`` = all of the attention's projections, ``mlp``, ``norms`` = the
+layer's two norms, ``kv`` = the key and value projections only, columns of GPT-2's fused ``c_attn``).
+
+How it reaches the LLM without re-implementing it: forward hooks on the copied modules replace their
+output at expert positions with the expert copy's output on
 the same input (the language weights still run on those positions; their result is discarded). The
 copies live in this module, so the LLM's parameter names are unchanged. The routing mask and the
 collapsed positions travel as the ``expert_context`` keyword of the LLM's forward; a pre-hook on the
@@ -35,65 +45,96 @@ BOI_IDS = {"image": -310, "audio": -311, "video": -312}
 EOI_IDS = {"image": -320, "audio": -321, "video": -322}
 
 
+PARTS = ("attention", "mlp", "norms", "kv")
+
+
 @dataclass
 class ExpertContext:
-    """``route``: ``(B, L)`` positions the expert weights handle (BOI and media); ``collapsed``:
-    ``(B, L)`` media positions after the first of their item, which repeat the previous position id."""
+    """``routes``: modality -> ``(B, L)`` positions its expert handles; ``collapsed``: ``(B, L)`` media
+    positions after the first of their item, which repeat the previous position id (all False
+    without shared positions)."""
 
-    route: torch.Tensor
+    routes: dict[str, torch.Tensor]
     collapsed: torch.Tensor
 
 
-def projection_names(attention: nn.Module) -> list[str]:
-    """The attention module's projection children (q/k/v/o, or GPT-2's fused c_attn and c_proj)."""
-    names = [name for name, child in attention.named_children() if hasattr(child, "weight") and child.weight.dim() == 2]
-    if not names:
-        raise ValueError(f"{type(attention).__name__}: found no projection layers to copy into a visual expert")
-    return names
+def routed_modules(layer: nn.Module, parts: list[str]) -> dict[str, tuple[nn.Module, slice]]:
+    """name -> (module of ``layer`` to copy, output columns the copy replaces) for the ``parts``."""
+    attention = attention_module(layer)
+    found: dict[str, tuple[nn.Module, slice]] = {}
+    if "attention" in parts:
+        projections = {n: c for n, c in attention.named_children() if getattr(getattr(c, "weight", None), "dim", lambda: 0)() == 2}
+        found |= {n: (c, slice(None)) for n, c in projections.items()}
+    if "kv" in parts:
+        if hasattr(attention, "k_proj") and hasattr(attention, "v_proj"):
+            found |= {"k_proj": (attention.k_proj, slice(None)), "v_proj": (attention.v_proj, slice(None))}
+        else:  # GPT-2's fused q/k/v: the copy replaces the key and value columns only
+            found["c_attn"] = (attention.c_attn, slice(attention.split_size, None))
+    if "mlp" in parts:
+        if not isinstance(getattr(layer, "mlp", None), nn.Module):
+            raise ValueError(f"{type(layer).__name__}: no 'mlp' module to copy into an expert")
+        found["mlp"] = (layer.mlp, slice(None))
+    if "norms" in parts:
+        norms = {n: c for n, c in layer.named_children() if "norm" in type(c).__name__.lower()}
+        if len(norms) != 2:
+            raise ValueError(f"{type(layer).__name__}: expected an input and a post-attention norm, found {sorted(norms)}")
+        found |= {n: (c, slice(None)) for n, c in norms.items()}
+    return found
 
 
-class VisualExpertFusion(FusionStrategy):
+class RoutedExpertFusion(FusionStrategy):
+    """Per-modality copies of ``parts`` of every decoder layer, used at that modality's positions.
+    Defaults are CogVLM's visual expert; ``boundary_tokens`` adds BOI/EOI vectors (BOI routed to the
+    expert, EOI not); ``shared_position`` gives an item's media positions one position id."""
+
     survey_type = "B"
 
-    def __init__(self):
+    def __init__(self, parts: tuple[str, ...] | list[str] = ("attention", "mlp"), boundary_tokens: bool = True,
+                 shared_position: bool = True):
         super().__init__()
-        self.experts = nn.ModuleList()
+        unknown = sorted(set(parts) - set(PARTS))
+        if unknown or not parts:
+            raise ValueError(f"routed experts: parts must be a non-empty subset of {PARTS}, got {list(parts)}")
+        self.parts, self.boundary_tokens, self.shared_position = list(parts), boundary_tokens, shared_position
+        self.experts = nn.ModuleDict()
         self.boi = nn.ParameterDict()
         self.eoi = nn.ParameterDict()
-        self._route: torch.Tensor | None = None
+        self._routes: dict[str, torch.Tensor] | None = None
         self._generation_context: ExpertContext | None = None
 
     def layout(self, modality: str, num_tokens: int) -> list[int]:
-        return [BOI_IDS[modality], *[PLACEHOLDER_IDS[modality]] * num_tokens, EOI_IDS[modality]]
+        media = [PLACEHOLDER_IDS[modality]] * num_tokens
+        return [BOI_IDS[modality], *media, EOI_IDS[modality]] if self.boundary_tokens else media
 
     def attach(self, llm: nn.Module, media_dims: dict[str, int]) -> None:
         dim = llm.get_input_embeddings().embedding_dim
         std = getattr(llm.config.get_text_config(), "initializer_range", 0.02)
-        self.boi = nn.ParameterDict({m: nn.Parameter(torch.randn(dim) * std) for m in media_dims})
-        self.eoi = nn.ParameterDict({m: nn.Parameter(torch.randn(dim) * std) for m in media_dims})
-        experts = []
-        for layer in decoder_layers(llm):
-            attention = attention_module(layer)
-            mlp = getattr(layer, "mlp", None)
-            if mlp is None:
-                raise ValueError(f"{type(layer).__name__}: no 'mlp' module to copy into a visual expert")
-            originals = {name: getattr(attention, name) for name in projection_names(attention)} | {"mlp": mlp}
-            copies = nn.ModuleDict({name: copy.deepcopy(module) for name, module in originals.items()})
-            for name, module in originals.items():
-                module.register_forward_hook(self._hook(copies[name]))
-            experts.append(copies)
-        self.experts = nn.ModuleList(experts)
+        if self.boundary_tokens:
+            self.boi = nn.ParameterDict({m: nn.Parameter(torch.randn(dim) * std) for m in media_dims})
+            self.eoi = nn.ParameterDict({m: nn.Parameter(torch.randn(dim) * std) for m in media_dims})
+        layers = [routed_modules(layer, self.parts) for layer in decoder_layers(llm)]
+        self.experts = nn.ModuleDict({
+            m: nn.ModuleList(nn.ModuleDict({n: copy.deepcopy(module) for n, (module, _) in found.items()}) for found in layers)
+            for m in media_dims
+        })
+        for index, found in enumerate(layers):
+            for name, (module, columns) in found.items():
+                module.register_forward_hook(self._hook(index, name, columns))
         decoder = llm.get_decoder()
         decoder.register_forward_pre_hook(self._enter, with_kwargs=True)
         decoder.register_forward_hook(self._exit)
 
-    def _hook(self, expert: nn.Module):
+    def _hook(self, index: int, name: str, columns: slice):
         def run(module, args, output):
-            route = self._route
-            if route is None or route.shape != args[0].shape[:2]:
+            if self._routes is None:
                 return output
-            expert_out = expert(args[0][route])  # (n, out): only the expert positions
-            return output.masked_scatter(route.unsqueeze(-1), expert_out.to(output.dtype))
+            for modality, route in self._routes.items():
+                if route.shape != args[0].shape[:2]:
+                    continue
+                replaced = output[route]  # (n, out): only this modality's positions
+                replaced[:, columns] = self.experts[modality][index][name](args[0][route])[:, columns].to(output.dtype)
+                output = output.masked_scatter(route.unsqueeze(-1), replaced)
+            return output
 
         return run
 
@@ -104,36 +145,38 @@ class VisualExpertFusion(FusionStrategy):
         embeds = kwargs.get("inputs_embeds")
         length = embeds.shape[1] if embeds is not None else kwargs["input_ids"].shape[1]
         mask = kwargs.get("attention_mask")
-        extra = length - context.route.shape[1]
+        extra = length - context.collapsed.shape[1]
         if extra < 0:  # a cached decode step: text, its position continued past the collapsed media
-            self._route = None
-            if kwargs.get("position_ids") is None:
-                raise ValueError("visual expert: a decode step came without position_ids to continue from")
-            kwargs["position_ids"] = kwargs["position_ids"] - context.collapsed.sum(dim=1, keepdim=True)
+            self._routes = None
+            if self.shared_position:
+                if kwargs.get("position_ids") is None:
+                    raise ValueError("routed experts: a decode step came without position_ids to continue from")
+                kwargs["position_ids"] = kwargs["position_ids"] - context.collapsed.sum(dim=1, keepdim=True)
             return args, kwargs
-        route, collapsed = (nn.functional.pad(t, (0, extra)) for t in (context.route, context.collapsed))
-        present = mask[:, -length:].bool() if isinstance(mask, torch.Tensor) and mask.dim() == 2 else torch.ones_like(route)
-        kwargs["position_ids"] = ((present & ~collapsed).long().cumsum(dim=1) - 1).clamp(min=0)
-        self._route = route
+        collapsed = nn.functional.pad(context.collapsed, (0, extra))
+        if self.shared_position:
+            present = mask[:, -length:].bool() if isinstance(mask, torch.Tensor) and mask.dim() == 2 else torch.ones_like(collapsed)
+            kwargs["position_ids"] = ((present & ~collapsed).long().cumsum(dim=1) - 1).clamp(min=0)
+        self._routes = {m: nn.functional.pad(route, (0, extra)) for m, route in context.routes.items()}
         return args, kwargs
 
     def _exit(self, module, args, output):
-        self._route = None
+        self._routes = None
 
     def llm_inputs(self, llm, input_ids, media):
         """-> ``{"inputs_embeds": (B, L, d), "expert_context": ExpertContext}``."""
         embeds = splice_media(llm.get_input_embeddings()(input_ids.clamp(min=0)), input_ids, media)
-        route = torch.zeros_like(input_ids, dtype=torch.bool)
-        collapsed = torch.zeros_like(route)
-        for modality in self.boi:
-            boi, eoi = input_ids == BOI_IDS[modality], input_ids == EOI_IDS[modality]
-            embeds = torch.where(boi.unsqueeze(-1), self.boi[modality].to(embeds.dtype), embeds)
-            embeds = torch.where(eoi.unsqueeze(-1), self.eoi[modality].to(embeds.dtype), embeds)
-            placeholder = input_ids == PLACEHOLDER_IDS[modality]
-            first = placeholder & ~nn.functional.pad(placeholder, (1, 0))[:, :-1]
-            route |= boi | placeholder
-            collapsed |= placeholder & ~first
-        return {"inputs_embeds": embeds, "expert_context": ExpertContext(route, collapsed)}
+        routes, collapsed = {}, torch.zeros_like(input_ids, dtype=torch.bool)
+        for modality in self.experts:
+            routes[modality] = placeholder = input_ids == PLACEHOLDER_IDS[modality]
+            if self.boundary_tokens:
+                boi, eoi = input_ids == BOI_IDS[modality], input_ids == EOI_IDS[modality]
+                embeds = torch.where(boi.unsqueeze(-1), self.boi[modality].to(embeds.dtype), embeds)
+                embeds = torch.where(eoi.unsqueeze(-1), self.eoi[modality].to(embeds.dtype), embeds)
+                routes[modality] = placeholder | boi
+            if self.shared_position:
+                collapsed |= placeholder & nn.functional.pad(placeholder, (1, 0))[:, :-1]  # not the item's first
+        return {"inputs_embeds": embeds, "expert_context": ExpertContext(routes, collapsed)}
 
     @contextlib.contextmanager
     def generation_inputs(self, inputs: dict) -> Iterator[dict]:
@@ -144,3 +187,11 @@ class VisualExpertFusion(FusionStrategy):
             yield inputs
         finally:
             self._generation_context = None
+
+
+class ModalityAdaptiveFusion(RoutedExpertFusion):
+    """mPLUG-Owl2's modality-adaptive module: per-modality norms and key/value projections."""
+
+    def __init__(self, parts: tuple[str, ...] | list[str] = ("norms", "kv"), boundary_tokens: bool = False,
+                 shared_position: bool = False):
+        super().__init__(parts, boundary_tokens, shared_position)
