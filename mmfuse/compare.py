@@ -42,7 +42,7 @@ from .report import write_markdown, write_plots
 from .train import Trainer
 
 # one recipe per fusion type that exists, plus the Type-C connector variants
-DEFAULT_RECIPES = ("openflamingo", "llava", "llava-1.5", "blip2", "qwen-audio")
+DEFAULT_RECIPES = ("openflamingo", "llama-adapter", "cogvlm", "llava", "llava-1.5", "blip2", "qwen-audio")
 RECORD_FILE = "record.json"
 FLOP_BATCH = 4  # samples per FLOP measurement
 

@@ -42,18 +42,19 @@ def broken_recipe(tmp_path_factory):
 
 
 def test_quick_compare_writes_report_plots_and_survives_a_failing_recipe(tmp_path, env, broken_recipe):
-    recipes = ["openflamingo", "llava", "llava-1.5", "blip2", "qwen-audio", broken_recipe]
+    recipes = ["openflamingo", "llama-adapter", "llava", "llava-1.5", "blip2", "qwen-audio", broken_recipe]
     result = _compare(tmp_path / "cmp", env, *[a for r in recipes for a in ("--recipes", r)])
     assert result.returncode == 1, result.stderr[-3000:]  # one recipe failed: reported, and the run says so
     report = json.loads((tmp_path / "cmp" / "report.json").read_text())
     records = {r["recipe"]: r for r in report["recipes"]}
-    assert list(records) == ["openflamingo", "llava", "llava-1.5", "blip2", "qwen-audio", "broken"]
+    assert list(records) == ["openflamingo", "llama-adapter", "llava", "llava-1.5", "blip2", "qwen-audio", "broken"]
     assert "no_such_task" in records["broken"]["error"]
     budgets = set()
-    for name in ("openflamingo", "llava", "llava-1.5", "blip2", "qwen-audio"):
+    types = {"openflamingo": "A", "llama-adapter": "B"}
+    for name in ("openflamingo", "llama-adapter", "llava", "llava-1.5", "blip2", "qwen-audio"):
         r = records[name]
         assert RECORD_FIELDS <= set(r), RECORD_FIELDS - set(r)
-        assert r["survey_type"] == ("A" if name == "openflamingo" else "C") and r["generates"].keys() == {"text"}
+        assert r["survey_type"] == types.get(name, "C") and r["generates"].keys() == {"text"}
         assert 0 < r["params_trainable"] <= r["params_total"] and r["train_flops_per_sample"] > 0
         assert [p["samples"] for p in r["curve"]][0] == 0 and len(r["curve"]) == 3
         flops = [c["train_flops"] for c in r["media_token_cost"]]
@@ -66,7 +67,8 @@ def test_quick_compare_writes_report_plots_and_survives_a_failing_recipe(tmp_pat
     assert len(budgets) == 1  # equal budgets
     assert records["blip2"]["params_trainable"] < records["llava"]["params_trainable"]  # BLIP-2 keeps the LLM frozen
     assert records["openflamingo"]["params_fusion"] > 0 == records["llava"]["params_fusion"]  # blocks inside the LLM
-    assert records["openflamingo"]["adds_modality"]["new_params_by_component"]["fusion"] == 0  # shared blocks
+    for name in ("openflamingo", "llama-adapter"):  # a new modality adds parameters inside the LLM (k/v, marker)
+        assert records[name]["adds_modality"]["new_params_by_component"]["fusion"] > 0
     text = (tmp_path / "cmp" / "report.md").read_text()
     for axis in ("Training compute", "Training data", "Architecture complexity", "Adding a modality", "Any-to-any generation"):
         assert f"| {axis} |" in text

@@ -23,10 +23,8 @@ Each media item keeps one marker position (:mod:`.markers`) so that its row is k
 
 from __future__ import annotations
 
-import contextlib
 import sys
 import weakref
-from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -83,6 +81,7 @@ AttentionInterface.register(ATTENTION_NAME, adapter_attention)
 
 class AdapterPromptFusion(FusionStrategy):
     survey_type = "B"
+    context_key = "adapter_context"
 
     def __init__(self, prompt_length: int = 10, layers: int | list[int] | None = None, gate: str = "tanh"):
         super().__init__()
@@ -143,15 +142,6 @@ class AdapterPromptFusion(FusionStrategy):
         embeds = self.markers.embed(llm, input_ids, masks)
         return {"inputs_embeds": embeds, "adapter_context": row_features(masks, media, counts, embeds.shape[0])}
 
-    @contextlib.contextmanager
-    def generation_inputs(self, inputs: dict) -> Iterator[dict]:
-        """``llm.generate`` accepts no extra keywords: the media features are set for the call instead."""
-        inputs = dict(inputs)
-        self._generation_context = inputs.pop("adapter_context")
-        try:
-            yield inputs
-        finally:
-            self._generation_context = None
 
 
 def adapted_layers(num_layers: int, layers: int | list[int] | None) -> list[int]:

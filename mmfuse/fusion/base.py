@@ -19,6 +19,10 @@ from torch import nn
 class FusionStrategy(nn.Module):
     survey_type: str = ""
     output_modalities: tuple[str, ...] = ("text",)  # what the model can generate
+    # the llm_inputs key that Hugging Face ``generate`` rejects (it takes no unknown keywords): held in
+    # ``_generation_context`` for the duration of the call instead, where the strategy's hooks read it
+    context_key: str | None = None
+    _generation_context = None
 
     def layout(self, modality: str, num_tokens: int) -> list[int]:
         """Token ids standing for one ``modality`` item whose connector yields ``num_tokens`` vectors."""
@@ -51,5 +55,14 @@ class FusionStrategy(nn.Module):
 
     @contextlib.contextmanager
     def generation_inputs(self, inputs: dict) -> Iterator[dict]:
-        """The keyword arguments for ``llm.generate`` made from ``llm_inputs``'s (here unchanged)."""
-        yield inputs
+        """The keyword arguments for ``llm.generate`` made from ``llm_inputs``'s: all but
+        :attr:`context_key`, which is set as ``_generation_context`` until the call returns."""
+        if self.context_key is None:
+            yield inputs
+            return
+        inputs = dict(inputs)
+        self._generation_context = inputs.pop(self.context_key)
+        try:
+            yield inputs
+        finally:
+            self._generation_context = None

@@ -25,9 +25,7 @@ precomputed keys and values, so a new token costs one query projection and one a
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -54,6 +52,25 @@ class MediaContext:
     values: list[torch.Tensor]
     key_item: torch.Tensor
     media_index: torch.Tensor
+    masks: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # see attention_mask
+
+    def attention_mask(self, length: int, media_attention: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """For ``length`` tokens: the SDPA mask ``(B, 1, L, K)`` and ``has_media`` ``(B, L, 1)``.
+
+        Made once per length and shared by every block; every cached decode step (a shorter length:
+        new tokens follow the prompt's last media item) reuses the same one."""
+        if length not in self.masks:
+            index, extra = self.media_index, length - self.media_index.shape[1]
+            if extra < 0:
+                index = index[:, -1:].expand(-1, length)
+            elif extra > 0:  # an uncached step re-reads the prompt and the tokens generated so far
+                index = torch.cat([index, index[:, -1:].expand(-1, extra)], dim=1)
+            item, index = self.key_item.unsqueeze(1), index.unsqueeze(-1)  # (B, 1, K), (B, L, 1)
+            allowed = ((item == index) if media_attention == "immediate" else (item <= index)) & (item > 0)
+            has_media = allowed.any(dim=-1, keepdim=True)
+            # rows without media attend anywhere (no all-masked softmax), then their output is zeroed
+            self.masks[length] = ((allowed | ~has_media).unsqueeze(1), has_media)
+        return self.masks[length]
 
 
 class MediaKeyValue(nn.Module):
@@ -100,13 +117,13 @@ class GatedCrossAttentionBlock(nn.Module):
         (keys through the key norm), done once per request so decode steps only read them."""
         return self.k_norm(self._heads(keys)).contiguous(), self._heads(values).contiguous()
 
-    def forward(self, x: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
-        """keys, values: ``(B, heads, K, head_dim)`` from :meth:`split_heads`; ``allowed``: ``(B, L, K)``
-        which keys each token may attend to."""
-        has_media = allowed.any(dim=-1, keepdim=True)  # (B, L, 1)
+    def forward(self, x: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
+                has_media: torch.Tensor) -> torch.Tensor:
+        """keys, values: ``(B, heads, K, head_dim)`` from :meth:`split_heads`; ``mask``: ``(B, 1, L, K)``
+        which keys each token may attend to; ``has_media``: ``(B, L, 1)``, False where a token has no
+        media to attend to (its cross-attention output is then exactly 0)."""
         q = self.q_norm(self._heads(self.to_q(self.norm(x))))
         keys, values = keys.to(q.dtype), values.to(q.dtype)
-        mask = (allowed | ~has_media).unsqueeze(1)  # rows without media attend anywhere, then are zeroed
         attended = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
         attended = self.to_out(attended.transpose(1, 2).flatten(2)) * has_media
         x = x + self.attn_gate.tanh() * attended
@@ -131,6 +148,7 @@ def cross_attention_layers(num_layers: int, every: int, placement: str | list[in
 
 class CrossAttentionFusion(FusionStrategy):
     survey_type = "A"
+    context_key = "media_context"
 
     def __init__(self, every: int = 1, placement: str | list[int] = "openflamingo", media_attention: str = "immediate",
                  num_heads: int | None = None, ff_mult: int = 4, qk_norm: bool = False):
@@ -179,16 +197,8 @@ class CrossAttentionFusion(FusionStrategy):
         return run
 
     def _run_block(self, block: int, hidden: torch.Tensor, context: MediaContext) -> torch.Tensor:
-        index, extra = context.media_index, hidden.shape[1] - context.media_index.shape[1]
-        if extra < 0:  # a cached decode step: the new tokens follow the prompt's last media item
-            index = index[:, -1:].expand(-1, hidden.shape[1])
-        elif extra > 0:  # an uncached step re-reads the prompt and the tokens generated so far
-            index = torch.cat([index, index[:, -1:].expand(-1, extra)], dim=1)
-        item = context.key_item.unsqueeze(1)  # (B, 1, K)
-        index = index.unsqueeze(-1)  # (B, L, 1)
-        allowed = (item == index) if self.media_attention == "immediate" else (item <= index)
-        allowed = allowed & (item > 0)
-        return self.blocks[block](hidden, context.keys[block], context.values[block], allowed)
+        mask, has_media = context.attention_mask(hidden.shape[1], self.media_attention)
+        return self.blocks[block](hidden, context.keys[block], context.values[block], mask, has_media)
 
     # -- conditioning -----------------------------------------------------------------------------
     def llm_inputs(self, llm, input_ids, media):
@@ -223,12 +233,3 @@ class CrossAttentionFusion(FusionStrategy):
         heads = [block.split_heads(k, v) for block, k, v in zip(self.blocks, keys.flatten(2, 3), values.flatten(2, 3))]
         return MediaContext([k for k, _ in heads], [v for _, v in heads], key_item.flatten(1, 2), media_index)
 
-    @contextlib.contextmanager
-    def generation_inputs(self, inputs: dict) -> Iterator[dict]:
-        """``llm.generate`` accepts no extra keywords: the media context is set for the call instead."""
-        inputs = dict(inputs)
-        self._generation_context = inputs.pop("media_context")
-        try:
-            yield inputs
-        finally:
-            self._generation_context = None

@@ -29,9 +29,7 @@ steps are text: language weights, positions continued from the prompt's last one
 
 from __future__ import annotations
 
-import contextlib
 import copy
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -88,6 +86,7 @@ class RoutedExpertFusion(FusionStrategy):
     expert, EOI not); ``shared_position`` gives an item's media positions one position id."""
 
     survey_type = "B"
+    context_key = "expert_context"
 
     def __init__(self, parts: tuple[str, ...] | list[str] = ("attention", "mlp"), boundary_tokens: bool = True,
                  shared_position: bool = True):
@@ -178,15 +177,6 @@ class RoutedExpertFusion(FusionStrategy):
                 collapsed |= placeholder & nn.functional.pad(placeholder, (1, 0))[:, :-1]  # not the item's first
         return {"inputs_embeds": embeds, "expert_context": ExpertContext(routes, collapsed)}
 
-    @contextlib.contextmanager
-    def generation_inputs(self, inputs: dict) -> Iterator[dict]:
-        """``llm.generate`` accepts no extra keywords: the routing context is set for the call instead."""
-        inputs = dict(inputs)
-        self._generation_context = inputs.pop("expert_context")
-        try:
-            yield inputs
-        finally:
-            self._generation_context = None
 
 
 class ModalityAdaptiveFusion(RoutedExpertFusion):
