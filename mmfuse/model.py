@@ -130,16 +130,20 @@ class MultimodalLM(nn.Module):
     # -- components -------------------------------------------------------------------------------
     def parameter_groups(self) -> dict[str, list[tuple[str, nn.Parameter]]]:
         """Parameters by component: ``llm`` (``llm.embeddings``: the input embeddings, ``llm.head``: an
-        untied output layer, ``llm``: the rest), ``encoders.<m>``, ``connectors.<m>``, ``fusion``."""
+        untied output layer, ``llm.norms``: the normalisation layers, ``llm``: the rest),
+        ``encoders.<m>``, ``connectors.<m>``, ``fusion.<part>`` (the fusion module's children, e.g.
+        ``fusion.blocks``, ``fusion.prompts``). A stage's ``train: [fusion]`` selects every ``fusion.*``."""
         embeddings = {id(p) for p in self.llm.get_input_embeddings().parameters()}
         head = {id(p) for p in (self.llm.get_output_embeddings() or nn.Identity()).parameters()} - embeddings
+        norms = {id(p) for m in self.llm.modules() if "norm" in type(m).__name__.lower() for p in m.parameters(recurse=False)}
         groups: dict[str, list[tuple[str, nn.Parameter]]] = {}
         for name, param in self.named_parameters():
             head_name = name.split(".", 2)
             if head_name[0] == "llm":
-                key = "llm.embeddings" if id(param) in embeddings else "llm.head" if id(param) in head else "llm"
+                key = ("llm.embeddings" if id(param) in embeddings else "llm.head" if id(param) in head
+                       else "llm.norms" if id(param) in norms else "llm")
             else:
-                key = "fusion" if head_name[0] == "fusion" else f"{head_name[0]}.{head_name[1]}"
+                key = f"{head_name[0]}.{head_name[1]}"
             groups.setdefault(key, []).append((name, param))
         return groups
 

@@ -143,3 +143,63 @@ def test_llama_adapter_parameter_count_at_llama_7b():
     fusion = AdapterPromptFusion(prompt_length=10, layers=30)
     fusion.attach(llm, {})
     assert sum(p.numel() for p in fusion.parameters()) == 10 * 30 * 4096 + 30 * 32
+
+
+def test_v2_visual_query_tokens_are_added_to_the_prompts(tokenizer_dir, media_dir):
+    fusion = FusionConfig(type="B", options={"mechanism": "adapter_prompts", "prompt_length": 4, "media": "tokens"})
+    config = tiny_config(tokenizer_dir, image="qformer", fusion=fusion)  # the tiny qformer has 4 queries
+    model = MultimodalLM.from_config(config).eval()
+    batch = model.collator()([model.processor(_image_sample(media_dir))])
+    inputs = model.llm_inputs(batch["input_ids"], batch["media"])
+    assert inputs["adapter_context"].shape == (1, 4, model.llm.config.hidden_size)  # one vector per prompt
+    _open_gates(model)
+    with torch.no_grad():
+        attention = model.llm.model.layers[0].self_attn
+        query = torch.randn(1, 4, 3, attention.head_dim)
+        with_media = model.fusion.prompt_attention(attention, 0, query, 0.5, inputs["adapter_context"])
+        shifted = inputs["adapter_context"].clone()
+        shifted[:, 0] += 1.0  # only prompt 0's visual token changes
+        assert not torch.allclose(model.fusion.prompt_attention(attention, 0, query, 0.5, shifted), with_media)
+    config.fusion.options["prompt_length"] = 3
+    with pytest.raises(ValueError, match="yields 4 tokens per item but the prompts are 3 long"):
+        MultimodalLM.from_config(config).processor(_image_sample(media_dir))
+
+
+def test_v2_early_fusion_splices_the_media_and_keeps_the_prompts_static(tokenizer_dir, media_dir):
+    model = _model(tokenizer_dir, media="early")
+    batch = model.collator()([model.processor(_image_sample(media_dir))])
+    assert (batch["input_ids"] == -200).sum() == 4  # the image's 4 tokens are in the sequence
+    inputs = model.llm_inputs(batch["input_ids"], batch["media"])
+    assert inputs["adapter_context"] is None and len(model.fusion.markers.embeddings) == 0
+
+
+@pytest.mark.parametrize("llm", sorted(TINY_LLMS))
+def test_v2_bias_scale_starts_as_identity_and_is_applied(llm, tokenizer_dir):
+    model = _model(tokenizer_dir, llm, bias_scale=True)
+    batch = _text_batch(model)
+    with torch.no_grad():
+        closed = model(**batch).logits
+        bare = AutoModelForCausalLM.from_config(copy.deepcopy(model.llm.config)).eval()
+        bare.load_state_dict(model.llm.state_dict())
+        bare.set_attn_implementation(model.fusion.base_attention)
+        torch.testing.assert_close(closed, bare(input_ids=batch["input_ids"]).logits, rtol=0, atol=0)
+        part = next(iter(model.fusion.bias_scale.values()))
+        part.scale.fill_(2.0)
+        assert (model(**batch).logits - closed).abs().max() > 1e-5
+    per_layer = 4 if llm == "gpt2" else 7  # GPT-2: c_attn, c_proj, c_fc, c_proj; else q/k/v/o, gate/up/down
+    assert len(model.fusion.bias_scale) == model.llm.config.num_hidden_layers * per_layer
+    groups = model.parameter_groups()
+    assert "fusion.bias_scale" in groups and "llm.norms" in groups
+
+
+def test_llama_adapter_v2_bias_scale_is_about_0_04_percent_of_llama_7b():
+    config = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                         num_key_value_heads=32, vocab_size=32000)
+    with torch.device("meta"):
+        llm = AutoModelForCausalLM.from_config(config)
+    fusion = AdapterPromptFusion(bias_scale=True)
+    fusion.attach(llm, {})
+    tuned = sum(p.numel() for p in fusion.bias_scale.parameters())
+    assert tuned == 32 * 2 * (4 * 4096 + 2 * 11008 + 4096)  # bias + scale per output of q/k/v/o, gate/up, down
+    share = tuned / sum(p.numel() for p in llm.parameters())
+    assert 0.00035 < share < 0.00045  # ~0.04%

@@ -112,8 +112,9 @@ def test_sampling_is_seeded(tokenizer_dir, media_dir):
 def test_parameter_groups_cover_every_parameter(tokenizer_dir):
     model = MultimodalLM.from_config(tiny_config(tokenizer_dir, audio="linear"))
     groups = model.parameter_groups()
-    assert set(groups) == {"llm", "llm.embeddings", "llm.head", "encoders.image", "encoders.audio", "connectors.image",
-                           "connectors.audio"}
+    assert set(groups) == {"llm", "llm.embeddings", "llm.head", "llm.norms", "encoders.image", "encoders.audio",
+                           "connectors.image", "connectors.audio"}
+    assert all("norm" in name for name, _ in groups["llm.norms"]) and len(groups["llm.norms"]) == 2 * 2 + 1
     assert groups["llm.embeddings"] == [("llm.model.embed_tokens.weight", model.llm.get_input_embeddings().weight)]
     assert groups["llm.head"] == [("llm.lm_head.weight", model.llm.get_output_embeddings().weight)]  # untied here
     assert sum(len(v) for v in groups.values()) == len(list(model.parameters()))

@@ -8,9 +8,21 @@ starts at 0 (``tanh(gate)`` as in the released code, or the paper's plain ``gate
     out = attention(q, K, V) + g_h * softmax(q K_p^T * scale) V_p
 
 so the adapted model starts as the bare LLM. Grouped-query attention is handled by sharing each
-key/value head's prompt keys across its query heads. Multimodal (the paper's ScienceQA model): each
-row's global media feature (the connector's output averaged over its tokens, and over the row's
-items) is added to every prompt of every adapted layer.
+key/value head's prompt keys across its query heads.
+
+How media enter (``media``):
+
+- ``"mean"`` (V1, the paper's ScienceQA model): each row's global media feature (the connector's
+  output averaged over its tokens, and over the row's items) is added to every prompt of every
+  adapted layer;
+- ``"tokens"`` (LLaMA-Adapter V2's released code): the connector yields exactly ``prompt_length``
+  tokens per item (a visual query), added element-wise to the prompts of every adapted layer;
+- ``"early"`` (the V2 paper's early fusion): the media are spliced into the input sequence (as in
+  Type-C, so the first layer reads them) and the prompts stay static.
+
+``bias_scale`` adds LLaMA-Adapter V2's bias and scale tuning: every linear layer of the decoder
+becomes ``y = s * (W x + b)`` with ``b = 0`` and ``s = 1`` at the start (forward hooks; ``b`` and
+``s`` live here, in ``fusion.bias_scale``); V2 also tunes the LLM's norms (group ``llm.norms``).
 
 How it reaches the LLM: through transformers' attention interface. The LLM's attention
 implementation is set to :data:`ATTENTION_NAME`, a function that runs the original implementation
@@ -32,11 +44,13 @@ from transformers import AttentionInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .base import FusionStrategy
+from .embedding import PLACEHOLDER_IDS, splice_media
 from .layers import attention_module, decoder_layers
 from .markers import MARKER_IDS, MediaMarkers, check_item_counts
 
 ATTENTION_NAME = "mmfuse_adapter_prompts"
 GATES = ("tanh", "linear")
+MEDIA = ("mean", "tokens", "early")
 
 # attention module -> (its fusion, the adapted-layer slot or None); weak, so models can be freed
 _ATTENTION_OWNERS: "weakref.WeakKeyDictionary[nn.Module, tuple[AdapterPromptFusion, int | None]]" = weakref.WeakKeyDictionary()
@@ -83,13 +97,18 @@ class AdapterPromptFusion(FusionStrategy):
     survey_type = "B"
     context_key = "adapter_context"
 
-    def __init__(self, prompt_length: int = 10, layers: int | list[int] | None = None, gate: str = "tanh"):
+    def __init__(self, prompt_length: int = 10, layers: int | list[int] | None = None, gate: str = "tanh",
+                 media: str = "mean", bias_scale: bool = False):
         super().__init__()
         if prompt_length < 1:
             raise ValueError(f"adapter prompts: prompt_length must be >= 1, got {prompt_length}")
         if gate not in GATES:
             raise ValueError(f"adapter prompts: gate must be one of {GATES}, got {gate!r}")
-        self.prompt_length, self.layers, self.gate = prompt_length, layers, gate
+        if media not in MEDIA:
+            raise ValueError(f"adapter prompts: media must be one of {MEDIA}, got {media!r}")
+        self.prompt_length, self.layers, self.gate, self.media = prompt_length, layers, gate, media
+        self.tune_bias_scale = bias_scale
+        self.bias_scale = nn.ModuleDict()
         self.layer_indices: list[int] = []
         self.base_attention = "sdpa"
         self.prompts = nn.Parameter(torch.zeros(0))
@@ -98,6 +117,11 @@ class AdapterPromptFusion(FusionStrategy):
         self._generation_context: torch.Tensor | None = None
 
     def layout(self, modality: str, num_tokens: int) -> list[int]:
+        if self.media == "early":
+            return [PLACEHOLDER_IDS[modality]] * num_tokens
+        if self.media == "tokens" and num_tokens != self.prompt_length:
+            raise ValueError(f"adapter prompts (media 'tokens'): the {modality} connector yields {num_tokens} tokens per "
+                             f"item but the prompts are {self.prompt_length} long; give it {self.prompt_length} queries")
         return [MARKER_IDS[modality]]
 
     def attach(self, llm: nn.Module, media_dims: dict[str, int]) -> None:
@@ -113,7 +137,10 @@ class AdapterPromptFusion(FusionStrategy):
         # unit-scale prompts, as LLaMA-Adapter's nn.Embedding: they meet k/v projections made for normed states
         self.prompts = nn.Parameter(torch.randn(len(self.layer_indices), self.prompt_length, dim))
         self.gates = nn.Parameter(torch.zeros(len(self.layer_indices), heads))
-        self.markers = MediaMarkers(list(media_dims), dim, getattr(config, "initializer_range", 0.02))
+        self.markers = MediaMarkers([] if self.media == "early" else list(media_dims), dim,
+                                    getattr(config, "initializer_range", 0.02))
+        if self.tune_bias_scale:
+            self.bias_scale = attach_bias_scale(layers)
         slot_of = {index: slot for slot, index in enumerate(self.layer_indices)}
         for index, module in enumerate(attention):
             _ATTENTION_OWNERS[module] = (self, slot_of.get(index))
@@ -123,10 +150,10 @@ class AdapterPromptFusion(FusionStrategy):
     def prompt_attention(self, module: nn.Module, slot: int, query: torch.Tensor, scaling: float,
                          media: torch.Tensor | None) -> torch.Tensor:
         """query ``(B, heads, L, head_dim)`` -> the gated prompt term ``(B, L, heads, head_dim)``.
-        ``media``: ``(B, d)`` per-row features added to the prompts, or None."""
+        ``media``: per-row features added to the prompts, ``(B, d)`` or ``(B, K, d)``, or None."""
         prompts = self.prompts[slot].unsqueeze(0)  # (1, K, d)
         if media is not None:
-            prompts = prompts + media.unsqueeze(1).to(prompts.dtype)  # (B, K, d)
+            prompts = prompts + (media.unsqueeze(1) if media.dim() == 2 else media).to(prompts.dtype)  # (B, K, d)
         keys, values = project_prompts(module, prompts.to(query.dtype))
         groups = query.shape[1] // keys.shape[1]
         keys, values = keys.repeat_interleave(groups, dim=1), values.repeat_interleave(groups, dim=1)
@@ -136,11 +163,16 @@ class AdapterPromptFusion(FusionStrategy):
         return (gate.to(out.dtype).view(1, -1, 1, 1) * out).transpose(1, 2)
 
     def llm_inputs(self, llm, input_ids, media):
-        """-> ``{"inputs_embeds": (B, L, d), "adapter_context": (B, d) or None}``."""
+        """-> ``{"inputs_embeds": (B, L, d), "adapter_context": (B, d) or (B, K, d) or None}``."""
+        if self.media == "early":
+            embeds = splice_media(llm.get_input_embeddings()(input_ids.clamp(min=0)), input_ids, media)
+            return {"inputs_embeds": embeds, "adapter_context": None}
         masks = self.markers.masks(input_ids)
         counts = check_item_counts(masks, media)
         embeds = self.markers.embed(llm, input_ids, masks)
-        return {"inputs_embeds": embeds, "adapter_context": row_features(masks, media, counts, embeds.shape[0])}
+        pooled = media if self.media == "tokens" else {m: t.mean(dim=1, keepdim=True) for m, t in media.items() if t is not None}
+        features = row_features(masks, pooled, counts, embeds.shape[0])
+        return {"inputs_embeds": embeds, "adapter_context": features}
 
 
 
@@ -159,8 +191,8 @@ def adapted_layers(num_layers: int, layers: int | list[int] | None) -> list[int]
 
 def row_features(masks: dict[str, torch.Tensor], media: dict[str, torch.Tensor], counts: dict[str, int],
                  batch: int) -> torch.Tensor | None:
-    """Each row's global media feature ``(B, d)``: connector outputs averaged over tokens and over the
-    row's items (rows without media get 0); None when the batch has no media."""
+    """Each row's media features ``(B, T, d)`` from items ``(n, T, d)``: the mean over the row's items
+    (rows without media get 0); ``(B, d)`` when ``T`` is 1; None when the batch has no media."""
     if not any(counts.values()):
         return None
     total = counts_per_row = None
@@ -168,10 +200,41 @@ def row_features(masks: dict[str, torch.Tensor], media: dict[str, torch.Tensor],
         if not counts[modality]:
             continue
         rows = mask.nonzero(as_tuple=True)[0]
-        items = media[modality].mean(dim=1)  # (n, d)
+        items = media[modality]
         if total is None:
-            total = items.new_zeros(batch, items.shape[-1])
-            counts_per_row = items.new_zeros(batch, 1)
+            total = items.new_zeros(batch, *items.shape[1:])
+            counts_per_row = items.new_zeros(batch, 1, 1)
+        if items.shape[1:] != total.shape[1:]:
+            raise ValueError(f"adapter prompts: {modality} items have {tuple(items.shape[1:])} features per item but "
+                             f"other media have {tuple(total.shape[1:])}")
         total = total.index_add(0, rows, items)
-        counts_per_row = counts_per_row.index_add(0, rows, torch.ones_like(items[:, :1]))
-    return total / counts_per_row.clamp(min=1)
+        counts_per_row = counts_per_row.index_add(0, rows, torch.ones_like(items[:, :1, :1]))
+    features = total / counts_per_row.clamp(min=1)
+    return features.squeeze(1) if features.shape[1] == 1 else features
+
+
+class BiasScale(nn.Module):
+    """LLaMA-Adapter V2's tuning of one linear layer: ``y = scale * (W x + bias)``, bias 0 and scale 1."""
+
+    def __init__(self, out_features: int):
+        super().__init__()
+        self.bias = nn.Parameter(torch.zeros(out_features))
+        self.scale = nn.Parameter(torch.ones(out_features))
+
+    def hook(self, module, args, output):
+        return self.scale.to(output.dtype) * (output + self.bias.to(output.dtype))
+
+
+def attach_bias_scale(layers: nn.ModuleList) -> nn.ModuleDict:
+    """A :class:`BiasScale` hooked onto every linear layer (``nn.Linear`` or GPT-2's ``Conv1D``) of the
+    decoder layers, keyed by the layer's path with ``.`` as ``-``."""
+    tuned = nn.ModuleDict()
+    for index, layer in enumerate(layers):
+        for name, module in layer.named_modules():
+            weight = getattr(module, "weight", None)
+            if not isinstance(module, nn.Linear) and type(module).__name__ != "Conv1D" or weight is None:
+                continue
+            out_features = module.out_features if isinstance(module, nn.Linear) else module.nf
+            tuned[f"{index}-{name.replace('.', '-')}"] = part = BiasScale(out_features)
+            module.register_forward_hook(part.hook)
+    return tuned
