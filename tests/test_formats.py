@@ -100,8 +100,7 @@ def test_builtin_recipes_load_with_their_survey_type():
     assert load_recipe("dolphins").model.connectors["video"].max_frames == 8
     assert load_recipe("otter").model.llm.add_tokens == ["<answer>", "<|endofchunk|>"]
     mechanisms = {"llama-adapter": "adapter_prompts", "llama-adapter-v2": "adapter_prompts", "cogvlm": "visual_expert",
-                  "mplug-owl2": "modality_adaptive",
-                  "moe-llava": "moe"}
+                  "mplug-owl2": "modality_adaptive", "moe-llava": "moe", "lion": "adapter_mixture"}
     for name, mechanism in mechanisms.items():
         recipe = load_recipe(name)
         assert recipe.survey_type == "B" and recipe.model.fusion.options["mechanism"] == mechanism

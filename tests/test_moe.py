@@ -84,3 +84,22 @@ def test_aux_loss_is_added_to_the_lm_loss_and_only_experts_and_router_train(toke
     assert not any(n.startswith("llm.") and "experts" in n for n, _ in model.named_parameters())  # experts live in fusion
     with pytest.raises(ValueError, match="top_k"):
         _model(tokenizer_dir, top_k=5)
+
+
+@pytest.mark.parametrize("llm", sorted(TINY_LLMS))
+def test_adapter_mixture_starts_as_the_bare_llm_and_mixes_by_the_router(llm, tokenizer_dir, media_dir):
+    model = MultimodalLM.from_config(tiny_config(tokenizer_dir, llm, fusion=FusionConfig(
+        type="B", options={"mechanism": "adapter_mixture", "num_adapters": 2, "rank": 4}))).eval()
+    batch = _batch(model, media_dir)
+    bare = AutoModelForCausalLM.from_config(copy.deepcopy(model.llm.config)).eval()
+    bare.load_state_dict(model.llm.state_dict())
+    with torch.no_grad():
+        embeds = model.llm_inputs(batch["input_ids"], batch["media"])["inputs_embeds"]
+        torch.testing.assert_close(model(**batch).logits, bare(inputs_embeds=embeds).logits, rtol=0, atol=0)  # up = 0
+        mixture = model.fusion.mixtures[0]
+        mixture.up.normal_()
+        x = torch.randn(3, model.llm.config.get_text_config().hidden_size)
+        weights = torch.softmax(mixture.router(x), dim=-1)
+        expected = sum(weights[:, k : k + 1] * (torch.nn.functional.gelu(x @ mixture.down[k]) @ mixture.up[k]) for k in range(2))
+        torch.testing.assert_close(mixture(x), expected)
+        assert (model(**batch).logits - bare(inputs_embeds=embeds).logits).abs().max() > 1e-5

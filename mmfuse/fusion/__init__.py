@@ -2,6 +2,7 @@
 
 from ..config import FusionConfig
 from .adapter import AdapterPromptFusion
+from .adapter_mixture import AdapterMixtureFusion
 from .base import FusionStrategy
 from .cross_attention import CrossAttentionFusion
 from .embedding import PLACEHOLDER_IDS, EmbeddingFusion
@@ -11,7 +12,8 @@ from .moe import MoEFusion
 
 STRATEGIES = {"A": CrossAttentionFusion, "C": EmbeddingFusion}
 TYPE_B_MECHANISMS = {"adapter_prompts": AdapterPromptFusion, "visual_expert": RoutedExpertFusion,
-                     "modality_adaptive": ModalityAdaptiveFusion, "moe": MoEFusion}
+                     "modality_adaptive": ModalityAdaptiveFusion, "moe": MoEFusion,
+                     "adapter_mixture": AdapterMixtureFusion}
 
 
 def build_fusion(cfg: FusionConfig) -> FusionStrategy:
@@ -27,6 +29,6 @@ def build_fusion(cfg: FusionConfig) -> FusionStrategy:
     return STRATEGIES[cfg.type](**cfg.options)
 
 
-__all__ = ["MARKER_IDS", "PLACEHOLDER_IDS", "STRATEGIES", "TYPE_B_MECHANISMS", "AdapterPromptFusion", "CrossAttentionFusion",
+__all__ = ["MARKER_IDS", "PLACEHOLDER_IDS", "STRATEGIES", "TYPE_B_MECHANISMS", "AdapterMixtureFusion", "AdapterPromptFusion", "CrossAttentionFusion",
            "EmbeddingFusion", "FusionStrategy", "ModalityAdaptiveFusion", "MoEFusion", "RoutedExpertFusion",
            "build_fusion"]
