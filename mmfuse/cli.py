@@ -56,7 +56,7 @@ def backbones_build(force: bool = typer.Option(False, help="Rebuild even when ca
 @app.command()
 def compare(
     out: Path = typer.Option(..., help="Directory for report.json, report.md, the plots and each recipe's run."),
-    recipes: Optional[list[str]] = typer.Option(None, "--recipes", help="Recipe names or YAML files (repeat); default: one per fusion type plus the Type-C connector variants."),
+    recipes: Optional[list[str]] = typer.Option(None, "--recipes", help="Recipe names or YAML files (repeat); default: openflamingo, llama-adapter, cogvlm and the Type-C recipes."),
     data: Optional[Path] = typer.Option(None, help="World directory; default: synthesize one into OUT/data."),
     budget: Optional[int] = typer.Option(None, help="Training samples per recipe (the same for all)."),
     seed: int = typer.Option(0),

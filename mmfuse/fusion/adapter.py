@@ -36,7 +36,6 @@ Each media item keeps one marker position (:mod:`.markers`) so that its row is k
 from __future__ import annotations
 
 import sys
-import weakref
 
 import torch
 from torch import nn
@@ -52,8 +51,9 @@ ATTENTION_NAME = "mmfuse_adapter_prompts"
 GATES = ("tanh", "linear")
 MEDIA = ("mean", "tokens", "early")
 
-# attention module -> (its fusion, the adapted-layer slot or None); weak, so models can be freed
-_ATTENTION_OWNERS: "weakref.WeakKeyDictionary[nn.Module, tuple[AdapterPromptFusion, int | None]]" = weakref.WeakKeyDictionary()
+# each attention module of an adapted LLM holds (its fusion, the adapted-layer slot or None) under this
+# name in its __dict__: not a registered submodule, and a deep copy of the model maps it to the copy
+OWNER = "_mmfuse_adapter_prompts"
 
 
 def project_prompts(module: nn.Module, prompts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -75,11 +75,11 @@ def project_prompts(module: nn.Module, prompts: torch.Tensor) -> tuple[torch.Ten
 
 def adapter_attention(module, query, key, value, attention_mask, **kwargs):
     """The registered attention function: the original attention plus the adapter-prompt term."""
-    if module not in _ATTENTION_OWNERS:
+    if OWNER not in module.__dict__:
         raise ValueError(f"{type(module).__name__} (layer {getattr(module, 'layer_idx', '?')}) runs attention "
                          f"{ATTENTION_NAME!r} but belongs to no adapter-prompt model; a copied config keeps that setting: "
                          "call set_attn_implementation('sdpa') on the copy")
-    fusion, slot = _ATTENTION_OWNERS[module]
+    fusion, slot = module.__dict__[OWNER]
     context = kwargs.pop("adapter_context", None)
     base = ALL_ATTENTION_FUNCTIONS.get_interface(fusion.base_attention, sys.modules[type(module).__module__].eager_attention_forward)
     out, weights = base(module, query, key, value, attention_mask, **kwargs)
@@ -143,7 +143,7 @@ class AdapterPromptFusion(FusionStrategy):
             self.bias_scale = attach_bias_scale(layers)
         slot_of = {index: slot for slot, index in enumerate(self.layer_indices)}
         for index, module in enumerate(attention):
-            _ATTENTION_OWNERS[module] = (self, slot_of.get(index))
+            module.__dict__[OWNER] = (self, slot_of.get(index))
         self.base_attention = llm.config._attn_implementation
         llm.set_attn_implementation(ATTENTION_NAME)
 

@@ -25,6 +25,7 @@ precomputed keys and values, so a new token costs one query projection and one a
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import torch
@@ -182,19 +183,17 @@ class CrossAttentionFusion(FusionStrategy):
         self.markers = MediaMarkers(list(media_dims), dim, getattr(config, "initializer_range", 0.02))
         block_of = dict(zip(self.layer_indices, range(len(self.layer_indices))))
         for index, layer in enumerate(layers):
-            layer.register_forward_pre_hook(self._hook(block_of.get(index)), with_kwargs=True)
+            # a partial of a bound method, not a closure: a deep copy of the model rebinds it to the copy
+            layer.register_forward_pre_hook(functools.partial(self._before_layer, block_of.get(index)), with_kwargs=True)
 
-    def _hook(self, block: int | None):
-        def run(module, args, kwargs):
-            context = kwargs.pop("media_context", None) or self._generation_context
-            if block is None or context is None:
-                return args, kwargs
-            if args:
-                return (self._run_block(block, args[0], context), *args[1:]), kwargs
-            kwargs["hidden_states"] = self._run_block(block, kwargs["hidden_states"], context)
+    def _before_layer(self, block: int | None, module, args, kwargs):
+        context = kwargs.pop(self.context_key, None) or self._generation_context
+        if block is None or context is None:
             return args, kwargs
-
-        return run
+        if args:
+            return (self._run_block(block, args[0], context), *args[1:]), kwargs
+        kwargs["hidden_states"] = self._run_block(block, kwargs["hidden_states"], context)
+        return args, kwargs
 
     def _run_block(self, block: int, hidden: torch.Tensor, context: MediaContext) -> torch.Tensor:
         mask, has_media = context.attention_mask(hidden.shape[1], self.media_attention)

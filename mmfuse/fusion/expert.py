@@ -30,14 +30,15 @@ steps are text: language weights, positions continued from the prompt's last one
 from __future__ import annotations
 
 import copy
+import functools
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from .base import FusionStrategy
-from .layers import attention_module, decoder_layers
 from .embedding import PLACEHOLDER_IDS, splice_media
+from .layers import attention_module, decoder_layers
 
 BOI_IDS = {"image": -310, "audio": -311, "video": -312}
 EOI_IDS = {"image": -320, "audio": -321, "video": -322}
@@ -118,27 +119,26 @@ class RoutedExpertFusion(FusionStrategy):
         })
         for index, found in enumerate(layers):
             for name, (module, columns) in found.items():
-                module.register_forward_hook(self._hook(index, name, columns))
+                # a partial of a bound method, not a closure: a deep copy of the model rebinds it to the copy
+                module.register_forward_hook(functools.partial(self._route, index, name, columns))
         decoder = llm.get_decoder()
         decoder.register_forward_pre_hook(self._enter, with_kwargs=True)
         decoder.register_forward_hook(self._exit)
 
-    def _hook(self, index: int, name: str, columns: slice):
-        def run(module, args, output):
-            if self._routes is None:
-                return output
-            for modality, route in self._routes.items():
-                if route.shape != args[0].shape[:2]:
-                    continue
-                replaced = output[route]  # (n, out): only this modality's positions
-                replaced[:, columns] = self.experts[modality][index][name](args[0][route])[:, columns].to(output.dtype)
-                output = output.masked_scatter(route.unsqueeze(-1), replaced)
+    def _route(self, index: int, name: str, columns: slice, module, args, output):
+        """Forward hook: at each modality's positions, ``output[..., columns]`` from its copy instead."""
+        if self._routes is None:
             return output
-
-        return run
+        for modality, route in self._routes.items():
+            if route.shape != args[0].shape[:2]:
+                continue
+            replaced = output[route]  # (n, out): only this modality's positions
+            replaced[:, columns] = self.experts[modality][index][name](args[0][route])[:, columns].to(output.dtype)
+            output = output.masked_scatter(route.unsqueeze(-1), replaced)
+        return output
 
     def _enter(self, module, args, kwargs):
-        context = kwargs.pop("expert_context", None) or self._generation_context
+        context = kwargs.pop(self.context_key, None) or self._generation_context
         if context is None:
             return args, kwargs
         embeds = kwargs.get("inputs_embeds")
