@@ -165,3 +165,26 @@ def test_gpt2_key_value_copy_replaces_only_the_key_and_value_columns(tokenizer_d
         torch.testing.assert_close(model(**batch).logits, base, rtol=0, atol=0)
         weight[:, d:].add_(torch.randn_like(weight[:, d:]))
         assert (model(**batch).logits - base).abs().max() > 1e-5
+
+
+def test_bidirectional_media_attention_lets_image_tokens_see_later_ones(tokenizer_dir, media_dir):
+    model = _model(tokenizer_dir)
+    batch = _image_batch(model, media_dir)
+    causal = _layer_outputs(model, batch)[0]
+    model.fusion.media_attention = "bidirectional"
+    both = _layer_outputs(model, batch)[0]
+    ids = batch["input_ids"][0]
+    image = (ids == -200).nonzero().flatten().tolist()
+    changed = ((both - causal).abs().amax(dim=-1)[0] > 1e-6).nonzero().flatten().tolist()
+    assert changed == image[:-1]  # the last image token already saw the whole image; text is untouched
+    prompt = model.collator("left")([model.processor(Sample("g", [Message("user", "<image> what?")], {"image": [media_dir / "a.png"]}),
+                                                     for_generation=True)])
+    with torch.no_grad():
+        for p in model.fusion.experts.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+        generated = model.generate(prompt["input_ids"], prompt["attention_mask"], prompt["media"], max_new_tokens=4,
+                                   min_new_tokens=4, do_sample=False)
+        for t in range(4):  # each cached step picks what a full forward over prompt + tokens so far picks
+            ids = torch.cat([prompt["input_ids"], generated[:, :t]], dim=1)
+            logits = model(ids, torch.ones_like(ids), media=prompt["media"]).logits
+            assert int(logits[0, -1].argmax()) == int(generated[0, t])

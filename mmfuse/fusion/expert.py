@@ -45,16 +45,19 @@ EOI_IDS = {"image": -320, "audio": -321, "video": -322}
 
 
 PARTS = ("attention", "mlp", "norms", "kv")
+MEDIA_ATTENTION = ("causal", "bidirectional")
 
 
 @dataclass
 class ExpertContext:
     """``routes``: modality -> ``(B, L)`` positions its expert handles; ``collapsed``: ``(B, L)`` media
     positions after the first of their item, which repeat the previous position id (all False
-    without shared positions)."""
+    without shared positions); ``items``: ``(B, L)`` the 1-based number of the media item each media
+    position belongs to (0 elsewhere)."""
 
     routes: dict[str, torch.Tensor]
     collapsed: torch.Tensor
+    items: torch.Tensor
 
 
 def routed_modules(layer: nn.Module, parts: list[str]) -> dict[str, tuple[nn.Module, slice]]:
@@ -84,18 +87,24 @@ def routed_modules(layer: nn.Module, parts: list[str]) -> dict[str, tuple[nn.Mod
 class RoutedExpertFusion(FusionStrategy):
     """Per-modality copies of ``parts`` of every decoder layer, used at that modality's positions.
     Defaults are CogVLM's visual expert; ``boundary_tokens`` adds BOI/EOI vectors (BOI routed to the
-    expert, EOI not); ``shared_position`` gives an item's media positions one position id."""
+    expert, EOI not); ``shared_position`` gives an item's media positions one position id;
+    ``media_attention`` is ``"causal"`` (CogVLM's released code: one causal mask over everything) or
+    ``"bidirectional"`` (an item's media positions also see each other; the prompt's mask is then
+    passed to the LLM as a prepared 4D mask, which transformers takes as it is)."""
 
     survey_type = "B"
     context_key = "expert_context"
 
     def __init__(self, parts: tuple[str, ...] | list[str] = ("attention", "mlp"), boundary_tokens: bool = True,
-                 shared_position: bool = True):
+                 shared_position: bool = True, media_attention: str = "causal"):
         super().__init__()
         unknown = sorted(set(parts) - set(PARTS))
         if unknown or not parts:
             raise ValueError(f"routed experts: parts must be a non-empty subset of {PARTS}, got {list(parts)}")
+        if media_attention not in MEDIA_ATTENTION:
+            raise ValueError(f"routed experts: media_attention must be one of {MEDIA_ATTENTION}, got {media_attention!r}")
         self.parts, self.boundary_tokens, self.shared_position = list(parts), boundary_tokens, shared_position
+        self.media_attention = media_attention
         self.experts = nn.ModuleDict()
         self.boi = nn.ParameterDict()
         self.eoi = nn.ParameterDict()
@@ -157,6 +166,9 @@ class RoutedExpertFusion(FusionStrategy):
             present = mask[:, -length:].bool() if isinstance(mask, torch.Tensor) and mask.dim() == 2 else torch.ones_like(collapsed)
             kwargs["position_ids"] = ((present & ~collapsed).long().cumsum(dim=1) - 1).clamp(min=0)
         self._routes = {m: nn.functional.pad(route, (0, extra)) for m, route in context.routes.items()}
+        if self.media_attention == "bidirectional":
+            dtype = embeds.dtype if embeds is not None else torch.float32
+            kwargs["attention_mask"] = bidirectional_media_mask(nn.functional.pad(context.items, (0, extra)), mask, dtype)
         return args, kwargs
 
     def _exit(self, module, args, output):
@@ -166,8 +178,10 @@ class RoutedExpertFusion(FusionStrategy):
         """-> ``{"inputs_embeds": (B, L, d), "expert_context": ExpertContext}``."""
         embeds = splice_media(llm.get_input_embeddings()(input_ids.clamp(min=0)), input_ids, media)
         routes, collapsed = {}, torch.zeros_like(input_ids, dtype=torch.bool)
+        media = torch.zeros_like(collapsed)
         for modality in self.experts:
             routes[modality] = placeholder = input_ids == PLACEHOLDER_IDS[modality]
+            media |= placeholder
             if self.boundary_tokens:
                 boi, eoi = input_ids == BOI_IDS[modality], input_ids == EOI_IDS[modality]
                 embeds = torch.where(boi.unsqueeze(-1), self.boi[modality].to(embeds.dtype), embeds)
@@ -175,7 +189,21 @@ class RoutedExpertFusion(FusionStrategy):
                 routes[modality] = placeholder | boi
             if self.shared_position:
                 collapsed |= placeholder & nn.functional.pad(placeholder, (1, 0))[:, :-1]  # not the item's first
-        return {"inputs_embeds": embeds, "expert_context": ExpertContext(routes, collapsed)}
+        first = media & ~nn.functional.pad(media, (1, 0))[:, :-1]
+        items = first.long().cumsum(dim=1) * media
+        return {"inputs_embeds": embeds, "expert_context": ExpertContext(routes, collapsed, items)}
+
+
+def bidirectional_media_mask(items: torch.Tensor, padding: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """An additive ``(B, 1, L, L)`` mask: causal, plus each media item's positions seeing each other;
+    ``padding``: the 2D attention mask (0 = padding key), or None."""
+    length = items.shape[1]
+    causal = torch.ones(length, length, dtype=torch.bool, device=items.device).tril()
+    allowed = causal | ((items.unsqueeze(2) == items.unsqueeze(1)) & (items.unsqueeze(2) > 0))  # (B, L, L)
+    if isinstance(padding, torch.Tensor) and padding.dim() == 2:
+        allowed = allowed & padding[:, -length:].bool().unsqueeze(1)
+    zero = torch.zeros((), dtype=dtype, device=items.device)
+    return torch.where(allowed, zero, torch.finfo(dtype).min).unsqueeze(1)
 
 
 
@@ -183,5 +211,5 @@ class ModalityAdaptiveFusion(RoutedExpertFusion):
     """mPLUG-Owl2's modality-adaptive module: per-modality norms and key/value projections."""
 
     def __init__(self, parts: tuple[str, ...] | list[str] = ("norms", "kv"), boundary_tokens: bool = False,
-                 shared_position: bool = False):
-        super().__init__(parts, boundary_tokens, shared_position)
+                 shared_position: bool = False, media_attention: str = "causal"):
+        super().__init__(parts, boundary_tokens, shared_position, media_attention)
