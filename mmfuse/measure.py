@@ -85,11 +85,14 @@ def parameter_summary(model: MultimodalLM) -> dict[str, int]:
 
 
 def trainable_parameters(model: MultimodalLM, stages: list[StageConfig]) -> int:
-    """Parameters some stage trains (the union over stages; LoRA adapters count as they are added)."""
+    """Parameters some stage trains (the union over stages; LoRA adapters count as they are added; an
+    embedding trained only in its added rows counts those rows)."""
     trained: dict[int, int] = {}
     for stage in stages:
+        rows = model.llm.get_input_embeddings().weight if stage.train_added_tokens else None
         for p in apply_stage(model, stage):
-            trained[id(p)] = p.numel()
+            count = len(model.added_token_ids()) * p.shape[1] if p is rows else p.numel()
+            trained[id(p)] = max(trained.get(id(p), 0), count)
     return sum(trained.values())
 
 

@@ -147,6 +147,10 @@ class MultimodalLM(nn.Module):
             groups.setdefault(key, []).append((name, param))
         return groups
 
+    def added_token_ids(self) -> list[int]:
+        """Vocabulary ids of the tokens ``llm.add_tokens`` added."""
+        return self.tokenizer.convert_tokens_to_ids(list(self.config.llm.add_tokens))
+
     def parameter_counts(self) -> dict[str, dict[str, int]]:
         """``{group: {"total": n, "trainable": n}}`` plus an ``all`` row."""
         counts = {}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -73,6 +75,12 @@ def test_trainable_parameters_is_the_union_over_stages(tokenizer_dir):
     counts = parameter_summary(model)
     assert trainable_parameters(model, [CONNECTOR_ONLY]) == counts["params_connectors"]
     assert trainable_parameters(model, [CONNECTOR_ONLY, FULL]) == counts["params_connectors"] + counts["params_llm"]
+    config = tiny_config(tokenizer_dir)
+    config.llm.add_tokens = ["<|endofchunk|>"]
+    model = MultimodalLM.from_config(config)
+    rows = dataclasses.replace(CONNECTOR_ONLY, train_added_tokens=True)
+    width = model.llm.get_input_embeddings().embedding_dim
+    assert trainable_parameters(model, [rows]) == counts["params_connectors"] + width  # one added row, not the table
 
 
 def test_budget_is_shared_over_stages_in_the_recipes_proportions():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from conftest import tiny_config
 
@@ -9,6 +10,7 @@ from mmfuse.data.dataset import ProcessedDataset
 from mmfuse.data.schema import Message, Sample
 from mmfuse.model import MultimodalLM
 from mmfuse.train import StageConfig, Trainer, TrainConfig
+from mmfuse.train.stage import apply_stage, optimizer_groups
 
 
 def _samples(media_dir, n=8):
@@ -54,3 +56,26 @@ def test_lora_stage_exports_a_plain_model(tokenizer_dir, media_dir, tmp_path):
     batch = model.collator()([model.processor(s) for s in _samples(media_dir, 2)])
     with torch.no_grad():
         assert torch.equal(model.eval()(**batch).logits, reloaded(**batch).logits)
+
+
+def test_train_added_tokens_moves_only_the_added_rows(tokenizer_dir, media_dir):
+    config = tiny_config(tokenizer_dir)
+    config.llm.add_tokens = ["<|endofchunk|>"]
+    model = MultimodalLM.from_config(config)
+    stage = StageConfig(name="s", train=["connectors"], train_added_tokens=True, data=["d"], steps=1, lr=1e-1, weight_decay=0.1)
+    params = apply_stage(model, stage)
+    optimizer = torch.optim.AdamW(optimizer_groups(model, params, stage), lr=stage.lr, weight_decay=stage.weight_decay)
+    weight = model.llm.get_input_embeddings().weight
+    before = weight.detach().clone()
+    sample = Sample("doc", [Message("document", "<image>a red circle.<|endofchunk|><image>a blue one.<|endofchunk|>")],
+                    {"image": [media_dir / "a.png", media_dir / "b.png"]})
+    model(**model.collator()([model.processor(sample)])).loss.backward()
+    optimizer.step()
+    (row,) = model.added_token_ids()
+    changed = (weight.detach() != before).any(dim=1).nonzero().flatten().tolist()
+    assert changed == [row]  # weight decay skipped the frozen rows too
+    apply_stage(model, StageConfig(name="t", train=["llm.embeddings"], data=["d"], steps=1, lr=1e-1))
+    model(**model.collator()([model.processor(sample)])).loss.backward()
+    assert (weight.grad[:row] != 0).any()  # the next stage's hook is gone: every row gets its gradient
+    with pytest.raises(ValueError, match="both listed"):
+        apply_stage(model, StageConfig(name="u", train=["llm.embeddings"], train_added_tokens=True, data=["d"], steps=1, lr=1e-1))

@@ -28,7 +28,10 @@ class StageConfig(JsonConfig):
     ``constant_with_warmup``, or ``warmup_stable_decay`` (constant, then a cosine to 0 over the last
     ``ceil(decay_ratio * steps)`` steps). ``lr_scale`` maps parameter-name patterns (``fnmatch``, e.g.
     ``"fusion.*_gate"``) to a multiplier of ``lr`` for the trainable parameters they match (the first
-    matching pattern wins; a pattern that matches none is an error). ``max_grad_norm`` <= 0 turns clipping off. ``mixed_precision`` is
+    matching pattern wins; a pattern that matches none is an error). ``train_added_tokens`` trains only
+    the embedding rows of the tokens ``llm.add_tokens`` added (OpenFlamingo's ``<|endofchunk|>``): the
+    embedding is trainable with every other row's gradient zeroed, and without weight decay, so the
+    other rows (and, when tied, the output layer's) stay bit-identical. ``max_grad_norm`` <= 0 turns clipping off. ``mixed_precision`` is
     accelerate's: "bf16" works on CPU and GPU, "fp16" needs a GPU.
     A LoRA stage merges its adapters into the base weights when it ends.
     """
@@ -48,6 +51,7 @@ class StageConfig(JsonConfig):
     lr_schedule: str = "cosine"
     decay_ratio: float = 0.1
     lr_scale: dict[str, float] = field(default_factory=dict)
+    train_added_tokens: bool = False
     batch_size: int = 8
     grad_accum: int = 1
     max_grad_norm: float = 1.0

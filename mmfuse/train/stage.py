@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import fnmatch
+import weakref
 
+import torch
 from torch import nn
 
 from mmfuse.train.config import LORA_GROUPS, StageConfig
@@ -30,9 +32,34 @@ def group_parameters(model: nn.Module, entries: list[str]) -> list[tuple[str, nn
     return [(n, p) for n, p in model.named_parameters() if id(p) in wanted]
 
 
+# model -> the gradient hook that restricts its input embedding to the added rows (one stage at a time)
+_ROW_HOOKS: "weakref.WeakKeyDictionary[nn.Module, torch.utils.hooks.RemovableHandle]" = weakref.WeakKeyDictionary()
+
+
+def added_token_rows(model: nn.Module, stage: StageConfig) -> nn.Parameter | None:
+    """For ``stage.train_added_tokens``: the input embedding, with a gradient hook that keeps only the
+    rows of the added tokens (a previous stage's hook is removed first). None otherwise."""
+    previous = _ROW_HOOKS.pop(model, None)
+    if previous is not None:
+        previous.remove()
+    if not stage.train_added_tokens:
+        return None
+    ids = model.added_token_ids()
+    if not ids:
+        raise ValueError(f"stage {stage.name!r}: train_added_tokens needs tokens in llm.add_tokens")
+    if "llm.embeddings" in resolve_groups(model, stage.train):
+        raise ValueError(f"stage {stage.name!r}: train_added_tokens and llm.embeddings both listed; pick one")
+    weight = model.llm.get_input_embeddings().weight
+    rows = torch.zeros(weight.shape[0], 1, dtype=weight.dtype, device=weight.device)
+    rows[ids] = 1
+    _ROW_HOOKS[model] = weight.register_hook(lambda grad: grad * rows.to(grad.dtype))
+    return weight
+
+
 def apply_stage(model: nn.Module, stage: StageConfig) -> list[nn.Parameter]:
     """Freeze everything, then unfreeze the stage's ``train`` groups and inject (and unfreeze) its
-    LoRA adapters. Returns the trainable parameters in ``named_parameters()`` order."""
+    LoRA adapters (and, with ``train_added_tokens``, the added embedding rows). Returns the trainable
+    parameters in ``named_parameters()`` order."""
     resolve_groups(model, stage.train + stage.lora)  # fail on unknown names before touching the model
     for group in LORA_GROUPS:
         module = getattr(model, group, None)
@@ -43,7 +70,8 @@ def apply_stage(model: nn.Module, stage: StageConfig) -> list[nn.Parameter]:
         elif group not in stage.lora and has_lora(module):
             raise ValueError(f"stage {stage.name!r}: model.{group} still carries LoRA adapters; merge_lora(model.{group}) first")
     lora = lora_parameters(model)
-    trainable = {id(p) for _, p in group_parameters(model, stage.train) + lora}
+    rows = added_token_rows(model, stage)
+    trainable = {id(p) for _, p in group_parameters(model, stage.train) + lora} | ({id(rows)} if rows is not None else set())
     for p in model.parameters():
         p.requires_grad_(id(p) in trainable)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -54,15 +82,20 @@ def apply_stage(model: nn.Module, stage: StageConfig) -> list[nn.Parameter]:
 
 def optimizer_groups(model: nn.Module, params: list[nn.Parameter], stage: StageConfig) -> list[dict]:
     """AdamW parameter groups: ``params`` at ``stage.lr``, except those whose name matches a
-    ``stage.lr_scale`` pattern, at ``lr * scale`` (one group per pattern, in the patterns' order)."""
+    ``stage.lr_scale`` pattern, at ``lr * scale`` (one group per pattern, in the patterns' order), and
+    the row-restricted embedding of ``train_added_tokens``, last, without weight decay."""
     name_of = {id(p): n for n, p in model.named_parameters()}
     patterns = list(stage.lr_scale)
     members: dict[str | None, list[nn.Parameter]] = {None: [], **{pattern: [] for pattern in patterns}}
+    rows = model.llm.get_input_embeddings().weight if stage.train_added_tokens else None
     for param in params:
+        if param is rows:
+            continue
         match = next((pattern for pattern in patterns if fnmatch.fnmatchcase(name_of[id(param)], pattern)), None)
         members[match].append(param)
     unmatched = [pattern for pattern in patterns if not members[pattern]]
     if unmatched:
         raise ValueError(f"stage {stage.name!r}: lr_scale pattern(s) {unmatched} match no parameter this stage trains")
     groups = [{"params": members[None], "lr": stage.lr}] if members[None] else []
-    return groups + [{"params": members[p], "lr": stage.lr * stage.lr_scale[p]} for p in patterns]
+    groups += [{"params": members[p], "lr": stage.lr * stage.lr_scale[p]} for p in patterns]
+    return groups + ([{"params": [rows], "lr": stage.lr, "weight_decay": 0.0}] if rows is not None else [])
