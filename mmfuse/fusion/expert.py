@@ -65,7 +65,8 @@ def routed_modules(layer: nn.Module, parts: list[str]) -> dict[str, tuple[nn.Mod
     attention = attention_module(layer)
     found: dict[str, tuple[nn.Module, slice]] = {}
     if "attention" in parts:
-        projections = {n: c for n, c in attention.named_children() if getattr(getattr(c, "weight", None), "dim", lambda: 0)() == 2}
+        projections = {n: c for n, c in attention.named_children()
+                       if isinstance(getattr(c, "weight", None), torch.Tensor) and c.weight.dim() == 2}
         found |= {n: (c, slice(None)) for n, c in projections.items()}
     if "kv" in parts:
         if hasattr(attention, "k_proj") and hasattr(attention, "v_proj"):
