@@ -79,3 +79,39 @@ def test_train_added_tokens_moves_only_the_added_rows(tokenizer_dir, media_dir):
     assert (weight.grad[:row] != 0).any()  # the next stage's hook is gone: every row gets its gradient
     with pytest.raises(ValueError, match="both listed"):
         apply_stage(model, StageConfig(name="u", train=["llm.embeddings"], train_added_tokens=True, data=["d"], steps=1, lr=1e-1))
+
+
+def test_resume_with_added_token_rows_is_bit_identical(tokenizer_dir, media_dir, tmp_path):
+    """The row-restricted embedding is checkpointed: a run resumed mid-stage ends where an
+    uninterrupted one does."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    docs = [Sample(f"d{i}", [Message("document", "<image>a red circle.<|endofchunk|><image>a blue one.<|endofchunk|>")],
+                   {"image": [media_dir / "a.png", media_dir / "b.png"]}) for i in range(4)]
+
+    def run(out, resume=False):
+        torch.manual_seed(0)
+        config = tiny_config(tokenizer_dir)
+        config.llm.add_tokens = ["<|endofchunk|>"]
+        model = MultimodalLM.from_config(config)
+        stage = StageConfig(name="s", train=["connectors"], train_added_tokens=True, data=["d"], steps=4, lr=1e-2,
+                            batch_size=2, warmup_ratio=0)
+        Trainer(model, TrainConfig(stages=[stage], output_dir=str(out), save_every=1, keep_checkpoints=10),
+                {"d": ProcessedDataset(docs, model.processor)}, model.collator(), progress=False).train(resume=resume)
+        return load_file(out / "model.safetensors")
+
+    full = run(tmp_path / "full")
+    (tmp_path / "cut" / "checkpoints").mkdir(parents=True)
+    shutil.copytree(tmp_path / "full" / "checkpoints" / "step-000002", tmp_path / "cut" / "checkpoints" / "step-000002")
+    shutil.copy(tmp_path / "full" / "metrics.jsonl", tmp_path / "cut" / "metrics.jsonl")
+    resumed = run(tmp_path / "cut", resume=True)
+    assert full.keys() == resumed.keys() and all(torch.equal(full[k], resumed[k]) for k in full)
+    torch.manual_seed(0)
+    config = tiny_config(tokenizer_dir)
+    config.llm.add_tokens = ["<|endofchunk|>"]
+    built = MultimodalLM.from_config(config)
+    initial, (row,) = built.llm.get_input_embeddings().weight, built.added_token_ids()
+    trained = full[next(k for k in full if k.endswith("embed_tokens.weight"))]
+    assert (trained != initial).any(dim=1).nonzero().flatten().tolist() == [row]  # the added row was trained
