@@ -106,6 +106,11 @@ def test_builtin_recipes_load_with_their_survey_type():
         assert recipe.survey_type == "B" and recipe.model.fusion.options["mechanism"] == mechanism
     assert load_recipe("cogvlm").model.connectors["image"].kind == "glu"
     assert load_recipe("moe-llava").train.stages[-1].train == ["fusion"]  # experts and routers only
+    idefics2 = load_recipe("idefics2")
+    assert idefics2.model.fusion.type == "C" and idefics2.model.connectors["image"].num_latents == 64
+    assert sorted(load_recipe("palm-e").model.encoders) == ["audio", "image"]
+    slm = load_recipe("slm")
+    assert [s.train for s in slm.train.stages] == [["connectors"]] and slm.model.connectors["audio"].pool_stride == 4
 
 
 def test_unknown_recipe_lists_the_builtins():
