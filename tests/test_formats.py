@@ -109,6 +109,7 @@ def test_builtin_recipes_load_with_their_survey_type():
     idefics2 = load_recipe("idefics2")
     assert idefics2.model.fusion.type == "C" and idefics2.model.connectors["image"].num_latents == 64
     assert sorted(load_recipe("palm-e").model.encoders) == ["audio", "image"]
+    assert load_recipe("minigpt4").train.stages[-1].train == ["connectors.image.core.proj"]  # one linear layer
     slm = load_recipe("slm")
     assert [s.train for s in slm.train.stages] == [["connectors"]] and slm.model.connectors["audio"].pool_stride == 4
 

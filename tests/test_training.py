@@ -115,3 +115,13 @@ def test_resume_with_added_token_rows_is_bit_identical(tokenizer_dir, media_dir,
     initial, (row,) = built.llm.get_input_embeddings().weight, built.added_token_ids()
     trained = full[next(k for k in full if k.endswith("embed_tokens.weight"))]
     assert (trained != initial).any(dim=1).nonzero().flatten().tolist() == [row]  # the added row was trained
+
+
+def test_a_stage_can_train_a_module_path_inside_a_group(tokenizer_dir):
+    config = tiny_config(tokenizer_dir, image="qformer")
+    model = MultimodalLM.from_config(config)
+    params = apply_stage(model, StageConfig(name="s", train=["connectors.image.core.proj"], data=["d"], steps=1, lr=1e-3))
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert names == {"connectors.image.core.proj.weight", "connectors.image.core.proj.bias"} and len(params) == 2
+    with pytest.raises(ValueError, match="no parameter group or module path matches 'connectors.image.core.pro'"):
+        apply_stage(model, StageConfig(name="s", train=["connectors.image.core.pro"], data=["d"], steps=1, lr=1e-3))

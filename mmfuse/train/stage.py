@@ -13,22 +13,30 @@ from mmfuse.train.lora import add_lora, has_lora, lora_parameters
 
 
 def resolve_groups(model: nn.Module, entries: list[str]) -> list[str]:
-    """The ``model.parameter_groups()`` names that ``entries`` select: an entry names a group or a
-    prefix of groups (``"connectors"`` selects ``"connectors.image"``). Unknown entries raise."""
-    available = sorted(model.parameter_groups())
+    """What ``entries`` select: an entry names a group of ``model.parameter_groups()``, a prefix of
+    groups (``"connectors"`` selects ``"connectors.image"``), or a module path inside a group
+    (``"connectors.image.core.proj"``: MiniGPT-4 trains only its projection). Returns the group names
+    and paths in order; unknown entries raise."""
+    groups = model.parameter_groups()
+    available = sorted(groups)
     selected = []
     for entry in entries:
         matches = [g for g in available if g == entry or g.startswith(entry + ".")]
+        if not matches and any(n.startswith(entry + ".") for ps in groups.values() for n, _ in ps):
+            matches = [entry]
         if not matches:
-            raise ValueError(f"no parameter group matches {entry!r}; the model has groups {available}")
+            raise ValueError(f"no parameter group or module path matches {entry!r}; the model has groups {available}")
         selected += [g for g in matches if g not in selected]
     return selected
 
 
 def group_parameters(model: nn.Module, entries: list[str]) -> list[tuple[str, nn.Parameter]]:
-    """(name, parameter) pairs of the groups ``entries`` select, in ``named_parameters()`` order."""
+    """(name, parameter) pairs of the groups and paths ``entries`` select, in ``named_parameters()`` order."""
     groups = model.parameter_groups()
-    wanted = {id(p) for g in resolve_groups(model, entries) for _, p in groups[g]}
+    wanted = set()
+    for selection in resolve_groups(model, entries):
+        members = groups.get(selection) or [(n, p) for ps in groups.values() for n, p in ps if n.startswith(selection + ".")]
+        wanted |= {id(p) for _, p in members}
     return [(n, p) for n, p in model.named_parameters() if id(p) in wanted]
 
 
