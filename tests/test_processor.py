@@ -174,3 +174,21 @@ def test_input_norm_makes_the_connector_scale_invariant():
     x = torch.randn(2, 3, 6)
     assert torch.allclose(normed(10 * x), normed(x), atol=1e-3)
     assert not torch.allclose(plain(10 * x), plain(x), atol=1e-4)
+
+
+def test_qformer_2d_positions_make_it_see_where_features_are():
+    from mmfuse.connectors.qformer import QFormerResampler, sincos_2d
+
+    positions = sincos_2d(36, 16)
+    assert positions.shape == (36, 16) and len({tuple(row.tolist()) for row in positions}) == 36  # every cell distinct
+    # cells 6 and 7 share row 1: the row half matches, the column half does not
+    assert torch.equal(positions[6, :8], positions[7, :8]) and not torch.equal(positions[6, 8:], positions[7, 8:])
+    features = torch.randn(2, 36, 16)
+    shuffled = features[:, torch.randperm(36)]
+    plain = QFormerResampler(16, 8, num_queries=4, depth=1, num_heads=2, cross_attention_every=1).eval()
+    torch.testing.assert_close(plain(features), plain(shuffled))  # without positions: a bag of features
+    torch.manual_seed(0)
+    placed = QFormerResampler(16, 8, num_queries=4, depth=1, num_heads=2, cross_attention_every=1, positions_2d=True).eval()
+    assert not torch.allclose(placed(features), placed(shuffled), atol=1e-4)
+    with pytest.raises(ValueError, match="square grid"):
+        placed(torch.randn(1, 35, 16))

@@ -58,7 +58,8 @@ def build_core(cfg: ConnectorConfig, encoder_dim: int, llm_dim: int) -> nn.Modul
     """The connector's resampler or projector for ``cfg.kind``."""
     if cfg.kind == "qformer":
         return QFormerResampler(encoder_dim, llm_dim, num_queries=cfg.num_queries, width=cfg.hidden_size, depth=cfg.depth,
-                                num_heads=cfg.num_heads, cross_attention_every=cfg.cross_attention_every)
+                                num_heads=cfg.num_heads, cross_attention_every=cfg.cross_attention_every,
+                                positions_2d=cfg.positions_2d)
     if cfg.kind == "perceiver":
         return PerceiverResampler(encoder_dim, llm_dim, num_latents=cfg.num_latents, depth=cfg.depth, num_heads=cfg.num_heads,
                                   max_frames=cfg.max_frames)
