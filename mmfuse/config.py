@@ -136,7 +136,7 @@ class ConnectorConfig(JsonConfig):
     cross_attention_every: int = 2  # qformer: cross-attention in every n-th block (BLIP-2: 2)
     positions_2d: bool = False  # qformer: Qwen-VL's 2-D sin-cos positions on queries and features (square grids)
     num_latents: int = 64  # perceiver: learned latents = tokens per item (Flamingo: 64)
-    max_frames: int = 0  # perceiver: frame embeddings for up to this many video frames; 0 = none
+    max_frames: int = 0  # perceiver / qformer: frame embeddings for up to this many video frames; 0 = none
     window: int = 0  # windows: encoder output frames per window
     hop: int = 0  # windows: frames between the starts of consecutive windows
     max_windows: int = 64  # windows: position embeddings, the most windows an item may have

@@ -109,6 +109,7 @@ def test_builtin_recipes_load_with_their_survey_type():
     idefics2 = load_recipe("idefics2")
     assert idefics2.model.fusion.type == "C" and idefics2.model.connectors["image"].num_latents == 64
     assert sorted(load_recipe("palm-e").model.encoders) == ["audio", "image"]
+    assert load_recipe("video-llama").model.connectors["video"].max_frames == 8  # temporal positions
     qwen_vl = load_recipe("qwen-vl")
     assert qwen_vl.model.connectors["image"].positions_2d and "encoders" not in qwen_vl.train.stages[-1].train
     assert load_recipe("minigpt4").train.stages[-1].train == ["connectors.image.core.proj"]  # one linear layer

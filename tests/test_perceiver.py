@@ -111,7 +111,7 @@ def test_connector_builds_the_perceiver_and_forwards_frames():
         connector(torch.randn(2, 6, 8), frames=3)
     pooled = Connector(ConnectorConfig(kind="perceiver", num_latents=5, depth=1, pool_stride=2), 8, 12)
     assert pooled(torch.randn(2, 6, 8)).shape == (2, 5, 12)  # one frame: pooling is fine
-    with pytest.raises(ValueError, match="pool_stride 2 cannot be combined with a perceiver over 3 frames"):
+    with pytest.raises(ValueError, match="pool_stride 2 cannot be combined with a resampler over 3 frames"):
         pooled(torch.randn(2, 6, 8), frames=3)
     # other kinds ignore frames
     assert Connector(ConnectorConfig(kind="linear"), 8, 12)(torch.randn(2, 6, 8), frames=3).shape == (2, 6, 12)
@@ -146,3 +146,17 @@ def test_video_encode_media_passes_the_frame_count(tokenizer_dir):
         assert not torch.allclose(out, model.encode_media({"video": clip.flip(1)})["video"], atol=1e-5)
         with pytest.raises(ValueError, match="4 frames but the frame embeddings cover 3 frames"):
             model.encode_media({"video": torch.randn(1, 4, 3, 16, 16)})
+
+
+def test_qformer_frame_embeddings_make_frame_order_matter():
+    from mmfuse.connectors.qformer import QFormerResampler
+
+    torch.manual_seed(0)
+    qformer = QFormerResampler(8, 8, num_queries=2, depth=1, num_heads=2, cross_attention_every=1, max_frames=4).eval()
+    video = torch.randn(1, 4 * 3, 8)  # 4 frames of 3 tokens
+    reversed_frames = video.reshape(1, 4, 3, 8).flip(1).reshape(1, 12, 8)
+    assert not torch.allclose(qformer(video, frames=4), qformer(reversed_frames, frames=4), atol=1e-5)
+    plain = QFormerResampler(8, 8, num_queries=2, depth=1, num_heads=2, cross_attention_every=1).eval()
+    torch.testing.assert_close(plain(video, frames=4), plain(reversed_frames, frames=4))  # a bag of tokens without them
+    with pytest.raises(ValueError, match="qformer: the input has 5 frames but the frame embeddings cover 4"):
+        qformer(torch.randn(1, 10, 8), frames=5)

@@ -17,8 +17,8 @@ class Connector(nn.Module):
 
     ``pool_stride`` average-pools along the token axis first (Qwen-Audio: 2); ``boundary_tokens``
     wraps every item in learned begin/end vectors (Qwen-Audio's audio BOS/EOS), so the item takes
-    two more positions. ``kind="perceiver"`` is a Flamingo perceiver resampler; for video it takes
-    ``frames`` to add its frame embeddings (the other kinds ignore ``frames``). ``kind="windows"`` is
+    two more positions. ``kind="perceiver"`` is a Flamingo perceiver resampler; it and ``qformer`` take ``frames``
+    for video, to add their frame embeddings (the other kinds ignore ``frames``). ``kind="windows"`` is
     Audio Flamingo's sliding-window transformer: one token per window of ``window`` frames every ``hop``.
     """
 
@@ -33,10 +33,10 @@ class Connector(nn.Module):
 
     def forward(self, features: torch.Tensor, frames: int = 1) -> torch.Tensor:
         """features ``(n, frames * tokens, encoder_dim)``; ``frames`` > 1 for video (frame-major tokens)."""
-        is_perceiver = isinstance(self.core, PerceiverResampler)
-        if is_perceiver and self.pool_stride > 1 and frames > 1:
+        reads_frames = isinstance(self.core, (PerceiverResampler, QFormerResampler))
+        if reads_frames and self.pool_stride > 1 and frames > 1:
             raise ValueError(
-                f"connector: pool_stride {self.pool_stride} cannot be combined with a perceiver over {frames} frames "
+                f"connector: pool_stride {self.pool_stride} cannot be combined with a resampler over {frames} frames "
                 "(pooling would mix tokens across frame boundaries); set pool_stride to 1"
             )
         if self.input_norm is not None:
@@ -45,7 +45,7 @@ class Connector(nn.Module):
             if features.shape[1] < self.pool_stride:
                 raise ValueError(f"connector: {features.shape[1]} tokens is fewer than pool_stride {self.pool_stride}")
             features = nn.functional.avg_pool1d(features.transpose(1, 2), self.pool_stride, self.pool_stride).transpose(1, 2)
-        out = self.core(features, frames=frames) if is_perceiver else self.core(features)
+        out = self.core(features, frames=frames) if reads_frames else self.core(features)
         if self.boundary is not None:
             n = out.shape[0]
             begin = self.boundary[0].expand(n, 1, -1).to(out.dtype)
@@ -59,7 +59,7 @@ def build_core(cfg: ConnectorConfig, encoder_dim: int, llm_dim: int) -> nn.Modul
     if cfg.kind == "qformer":
         return QFormerResampler(encoder_dim, llm_dim, num_queries=cfg.num_queries, width=cfg.hidden_size, depth=cfg.depth,
                                 num_heads=cfg.num_heads, cross_attention_every=cfg.cross_attention_every,
-                                positions_2d=cfg.positions_2d)
+                                positions_2d=cfg.positions_2d, max_frames=cfg.max_frames)
     if cfg.kind == "perceiver":
         return PerceiverResampler(encoder_dim, llm_dim, num_latents=cfg.num_latents, depth=cfg.depth, num_heads=cfg.num_heads,
                                   max_frames=cfg.max_frames)

@@ -17,6 +17,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .frames import add_frame_embeddings, frame_embeddings
+
 
 class PerceiverAttention(nn.Module):
     """Latents ``(n, L, dim)`` attend to ``concat(features, latents)``; returns ``(n, L, dim)``."""
@@ -101,7 +103,7 @@ class PerceiverResampler(nn.Module):
         # unit-variance init as OpenFlamingo: at the scale of the (layer-normalised) features, so the frame
         # embeddings are not drowned out and frames stay distinguishable from the first step
         self.latents = nn.Parameter(torch.randn(num_latents, feature_dim))
-        self.frame_embeddings = nn.Parameter(torch.randn(max_frames, feature_dim)) if max_frames else None
+        self.frame_embeddings = frame_embeddings(max_frames, feature_dim)
         self.layers = nn.ModuleList(PerceiverLayer(feature_dim, num_heads, head_dim, ff_mult) for _ in range(depth))
         self.out_norm = nn.LayerNorm(feature_dim)
         # none when the output stays at the encoder width (Type-A: OpenFlamingo's resampler has no projection)
@@ -109,20 +111,11 @@ class PerceiverResampler(nn.Module):
 
     def forward(self, features: torch.Tensor, frames: int = 1) -> torch.Tensor:
         """features ``(n, frames * tokens, feature_dim)`` (frame-major) -> ``(n, num_latents, out_dim)``."""
-        n, total, dim = features.shape
-        if frames < 1:
-            raise ValueError(f"perceiver: frames must be at least 1, got {frames}")
-        if total % frames:
-            raise ValueError(f"perceiver: {total} feature tokens cannot be split into {frames} frames of equal length")
-        if self.frame_embeddings is not None:
-            if frames > self.max_frames:
-                raise ValueError(
-                    f"perceiver: the input has {frames} frames but the frame embeddings cover {self.max_frames} frames "
-                    f"(raise max_frames)"
-                )
-            per_frame = features.reshape(n, frames, total // frames, dim)
-            per_frame = per_frame + self.frame_embeddings[:frames, None, :].to(features.dtype)
-            features = per_frame.reshape(n, total, dim)
+        n = features.shape[0]
+        try:
+            features = add_frame_embeddings(features, self.frame_embeddings, frames)
+        except ValueError as err:
+            raise ValueError(f"perceiver: {err}") from err
         latents = self.latents.to(features.dtype).unsqueeze(0).expand(n, -1, -1)
         for layer in self.layers:
             latents = layer(features, latents)

@@ -5,7 +5,8 @@ the queries, cross-attention to the encoder features (BLIP-2 inserts it in every
 FFN; the outputs are projected to the LLM width. Whatever the number of input features, each item
 becomes ``num_queries`` tokens.
 
-``positions_2d`` adds Qwen-VL's 2-D absolute positions: fixed sin-cos encodings of a square grid,
+``max_frames`` adds Video-LLaMA's temporal position embeddings: a learned vector per frame index on
+the features of each video frame (:mod:`.frames`). ``positions_2d`` adds Qwen-VL's 2-D absolute positions: fixed sin-cos encodings of a square grid,
 added to the queries (laid out on their own grid) and to the features on the query and key side of
 every cross-attention, not to the values, so the queries can find *where* a feature is.
 """
@@ -16,6 +17,8 @@ import math
 
 import torch
 from torch import nn
+
+from .frames import add_frame_embeddings, frame_embeddings
 
 
 def sincos_2d(tokens: int, dim: int) -> torch.Tensor:
@@ -78,6 +81,7 @@ class QFormerResampler(nn.Module):
         num_heads: int = 4,
         cross_attention_every: int = 2,
         positions_2d: bool = False,
+        max_frames: int = 0,
     ):
         super().__init__()
         width = width or feature_dim
@@ -93,10 +97,15 @@ class QFormerResampler(nn.Module):
         )
         self.out_norm = nn.LayerNorm(width)
         self.proj = nn.Linear(width, out_dim)
+        self.frame_embeddings = frame_embeddings(max_frames, feature_dim)
         self.register_buffer("query_pos", sincos_2d(num_queries, width) if positions_2d else None, persistent=False)
 
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        features = self.feature_norm(features)
+    def forward(self, features: torch.Tensor, frames: int = 1) -> torch.Tensor:
+        """features ``(n, frames * tokens, feature_dim)`` (frame-major for video) -> ``(n, num_queries, out_dim)``."""
+        try:
+            features = add_frame_embeddings(self.feature_norm(features), self.frame_embeddings, frames)
+        except ValueError as err:
+            raise ValueError(f"qformer: {err}") from err
         queries = self.queries.unsqueeze(0).expand(features.shape[0], -1, -1)
         feature_pos = None
         if self.query_pos is not None:
