@@ -132,7 +132,7 @@ def run_recipe(job: Job, log: Callable[[str], None] = print) -> dict[str, Any]:
     flops = [train_flops_per_sample(probe, s, train_sets[s.data[0]][:FLOP_BATCH]) for s in stages]
     samples = [s.steps * s.batch_size * s.grad_accum for s in stages]
     first_item = load_samples(resolve_dataset(data, f"{modalities[0]}_qa", "test"))[0].media[modalities[0]][0]
-    added = "audio" if "audio" not in modalities else "image"
+    added = next((m for m in ("audio", "image", "video") if m not in modalities), None)  # None: it has them all
     record.update(
         parameter_summary(model),
         params_trainable=trainable_parameters(probe, stages),
@@ -142,7 +142,8 @@ def run_recipe(job: Job, log: Callable[[str], None] = print) -> dict[str, Any]:
         train_flops_per_sample=sum(f * n for f, n in zip(flops, samples)) / sum(samples),
         train_flops_by_stage={s.name: f for s, f in zip(stages, flops)},
         media_token_cost=media_token_cost(probe, stages[-1], first_item, modalities[0], settings.media_items),
-        adds_modality=adds_modality(model, WORLD_ENCODERS[added], ConnectorConfig(kind=recipe.model.connectors[modalities[0]].kind)),
+        adds_modality=None if added is None else adds_modality(
+            model, WORLD_ENCODERS[added], ConnectorConfig(kind=recipe.model.connectors[modalities[0]].kind)),
         text_ppl_before=adapter.text_perplexity(corpus),
     )
     del probe

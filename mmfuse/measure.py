@@ -25,6 +25,7 @@ from .train.stage import apply_stage
 WORLD_ENCODERS = {
     "image": EncoderConfig(modality="image", name_or_path="world:vision", feature_layer=-2),
     "audio": EncoderConfig(modality="audio", name_or_path="world:audio"),
+    "video": EncoderConfig(modality="video", name_or_path="world:vision", feature_layer=-2, frames=8),
 }
 
 

@@ -108,10 +108,11 @@ AXES: list[tuple[str, str, Callable[[Record], str], Callable[[list[Record]], tup
     (
         "Adding a modality",
         "C easy and modular: add an encoder + connector, keep the LLM; A and B need new modules inside the LLM",
-        lambda r: f"+{r['adds_modality']['modality']}: {_fmt_params(r['adds_modality']['new_params'])} new params "
+        lambda r: "has every world modality" if r["adds_modality"] is None else (
+                  f"+{r['adds_modality']['modality']}: {_fmt_params(r['adds_modality']['new_params'])} new params "
                   f"({_fmt_params(r['adds_modality']['new_params_by_component']['fusion'])} inside the LLM), "
                   f"LLM weights {'changed' if r['adds_modality']['llm_params_changed'] else 'unchanged'}, "
-                  f"{r['adds_modality']['config_lines']} config lines",
+                  f"{r['adds_modality']['config_lines']} config lines"),
         lambda rs: _adding_verdict(rs),
     ),
     (
@@ -139,7 +140,7 @@ def _complexity_verdict(records: list[Record]) -> tuple[str, str]:
 
 
 def _adding_verdict(records: list[Record]) -> tuple[str, str]:
-    ok = _ok(records)
+    ok = [r for r in _ok(records) if r["adds_modality"] is not None]
     c = [r for r in ok if r["survey_type"] == "C"]
     deep = [r for r in ok if r["survey_type"] in ("A", "B")]
     if not c:
