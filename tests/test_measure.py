@@ -123,3 +123,8 @@ def test_report_verdicts_follow_the_measurements(tmp_path):
     text = write_markdown({"recipes": [*agree, failed], "settings": {"budget": 64, "seed": 0, "eval_limit": 8}, "data": "w"},
                           tmp_path / "report.md")
     assert "| Training compute |" in text and "**agrees**" in text and "broken** failed" in text and "boom" in text
+    every = dict(_record("palm-e", "C", 1e9, 5.0, 0.8), adds_modality=None)  # it has every world modality
+    assert verdicts["Adding a modality"]([*agree, every])[0] == "agrees"  # measured on the others
+    text = write_markdown({"recipes": [*agree, every], "settings": {"budget": 64, "seed": 0, "eval_limit": 8}, "data": "w"},
+                          tmp_path / "report2.md")
+    assert "has every world modality" in text
