@@ -98,7 +98,7 @@ def bench_expert(size: str, args, device) -> dict:
     route = torch.zeros(batch, length, dtype=torch.bool, device=device)
     route[:, length // 4 : length // 4 + length // 2] = True  # half the positions are an image
     collapsed = route & torch.nn.functional.pad(route, (1, 0))[:, :-1]
-    context = ExpertContext({"image": route}, collapsed)
+    context = ExpertContext({"image": route}, collapsed, items=route.long())  # one image per row
     labels = torch.randint(0, args.vocab_size, (batch, length), generator=torch.Generator().manual_seed(1)).to(device)
     for model in (bare, ours):
         for p in model.parameters():
