@@ -37,8 +37,14 @@ from transformers import (
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
+    BOS,
     SIZES,
     Contender,
+    hf_generate,
+    lm_loss,
+    mmfuse_generate,
+    rows,
+    text_config,
     machine_description,
     measure_generation,
     measure_training,
@@ -66,7 +72,6 @@ RESAMPLER_DEPTH, RESAMPLER_HEADS = 2, 4  # both perceivers; head dim 128 / 4 = 3
 FF_MULT = 6
 SCALING_LATENTS = (16, 256)
 GATE = 1.0  # every tanh gate (attention and FFN) is set to this: tanh(1) = 0.76
-PAD, BOS, EOS = 0, 1, 2  # the benchmark tokenizer's special ids
 ACCEPT_TRAIN_RATIO = 1.05  # ours / each HF model
 ACCEPT_DECODE_VS_MLLAMA = 1.0  # ours tok/s / mllama tok/s
 ACCEPT_DECODE_VS_IDEFICS = 1.3  # ours tok/s / IDEFICS tok/s
@@ -77,12 +82,6 @@ REFS = (MLLAMA, IDEFICS)
 
 
 # -- models ----------------------------------------------------------------------------------------
-def text_config(size: str, vocab_size: int) -> dict:
-    dims = SIZES[size]
-    return {"model_type": "llama", "vocab_size": vocab_size, **dims, "num_key_value_heads": dims["num_attention_heads"],
-            "max_position_embeddings": 1024, "tie_word_embeddings": False,
-            "pad_token_id": PAD, "bos_token_id": BOS, "eos_token_id": EOS}
-
 
 def cross_layers(size: str) -> list[int]:
     """Decoder-layer indices (of the Llama stack) that get a gated cross-attention block before them."""
@@ -250,14 +249,6 @@ def make_batches(batch_size: int, text_tokens: int, vocab_size: int, device: tor
     return {MMFUSE: to(ours), MLLAMA: to(mllama), IDEFICS: to(idefics)}
 
 
-def rows(batch: dict, n: int, for_generation: bool) -> dict:
-    out = {}
-    for k, v in batch.items():
-        if for_generation and k == "labels":
-            continue
-        out[k] = rows(v, n, False) if isinstance(v, dict) else v[:n]
-    return out
-
 
 def other_image(batch: dict) -> dict:
     """The batch with different pixels (same text)."""
@@ -270,28 +261,9 @@ def other_image(batch: dict) -> dict:
 
 
 # -- adapters --------------------------------------------------------------------------------------
-def loss(model, batch):
-    return model(**batch).loss
-
-
-def generate_kwargs(new_tokens: int, use_cache: bool = True) -> dict:
-    return {"max_new_tokens": new_tokens, "min_new_tokens": new_tokens, "do_sample": False, "use_cache": use_cache,
-            "eos_token_id": EOS, "pad_token_id": PAD}
-
-
-def ours_generate(model, batch, new_tokens, use_cache=True):
-    return model.generate(batch["input_ids"], batch["attention_mask"], batch["media"],
-                          **generate_kwargs(new_tokens, use_cache))
-
-
-def hf_generate(model, batch, new_tokens):
-    out = model.generate(**batch, **generate_kwargs(new_tokens))
-    return out[:, batch["input_ids"].shape[1]:]
-
-
 def contender(name: str, model, batch: dict) -> Contender:
-    gen = ours_generate if name.startswith(MMFUSE) else hf_generate
-    return Contender(name, model, lambda n, g, b=batch: rows(b, n, g), loss, gen)
+    gen = mmfuse_generate if name.startswith(MMFUSE) else hf_generate
+    return Contender(name, model, lambda n, g, b=batch: rows(b, n, g), lm_loss, gen)
 
 
 # -- checks ----------------------------------------------------------------------------------------
@@ -312,8 +284,8 @@ def check(contenders: list[Contender], batch_size: int, new_tokens: int) -> dict
         del o, o2
     ours = next(c for c in contenders if c.name == MMFUSE)
     batch = ours.make_batch(min(batch_size, 2), True)
-    cached = ours_generate(ours.model, batch, new_tokens, use_cache=True)
-    uncached = ours_generate(ours.model, batch, new_tokens, use_cache=False)
+    cached = mmfuse_generate(ours.model, batch, new_tokens, use_cache=True)
+    uncached = mmfuse_generate(ours.model, batch, new_tokens, use_cache=False)
     same = torch.equal(cached, uncached)
     out[MMFUSE]["cached_equals_uncached"] = same
     assert same, "mmfuse: cached and uncached greedy outputs differ"

@@ -22,8 +22,15 @@ from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForCon
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
+    BOS,
+    PAD,
     SIZES,
     Contender,
+    hf_generate,
+    lm_loss,
+    mmfuse_generate,
+    rows,
+    text_config,
     machine_description,
     measure_generation,
     measure_training,
@@ -44,7 +51,6 @@ from mmfuse.model import MultimodalLM  # noqa: E402
 # One small CLIP vision tower shared by all decoder sizes (common.SIZES).
 VISION = {"image_size": 64, "patch_size": 8, "hidden_size": 128, "intermediate_size": 512,
           "num_hidden_layers": 3, "num_attention_heads": 4}
-PAD, BOS, EOS = 0, 1, 2  # the benchmark tokenizer's special ids
 LOGITS_ATOL = 1e-4
 ACCEPT_TRAIN_RATIO = 1.05
 
@@ -52,12 +58,6 @@ MMFUSE, HF = "mmfuse", "hf-llava"
 
 
 # -- models ----------------------------------------------------------------------------------------
-def text_config(size: str, vocab_size: int) -> dict:
-    dims = SIZES[size]
-    return {"model_type": "llama", "vocab_size": vocab_size, **dims, "num_key_value_heads": dims["num_attention_heads"],
-            "max_position_embeddings": 1024, "tie_word_embeddings": False,
-            "pad_token_id": PAD, "bos_token_id": BOS, "eos_token_id": EOS}
-
 
 def build_mmfuse(size: str, vocab_size: int, vision: CLIPVisionConfig, tokenizer_dir: Path) -> MultimodalLM:
     cfg = MultimodalConfig(
@@ -132,38 +132,6 @@ def make_batches(batch_size: int, text_tokens: int, image_tokens: int, image_siz
     return ours, hf
 
 
-def rows(batch: dict, n: int, for_generation: bool) -> dict:
-    out = {}
-    for k, v in batch.items():
-        if for_generation and k == "labels":
-            continue
-        out[k] = {m: t[:n] for m, t in v.items()} if isinstance(v, dict) else v[:n]
-    return out
-
-
-# -- adapters --------------------------------------------------------------------------------------
-def ours_loss(model, batch):
-    return model(**batch).loss
-
-
-def hf_loss(model, batch):
-    return model(**batch).loss
-
-
-def generate_kwargs(new_tokens: int) -> dict:
-    return {"max_new_tokens": new_tokens, "min_new_tokens": new_tokens, "do_sample": False, "use_cache": True,
-            "eos_token_id": EOS, "pad_token_id": PAD}
-
-
-def ours_generate(model, batch, new_tokens):
-    return model.generate(batch["input_ids"], batch["attention_mask"], batch["media"], **generate_kwargs(new_tokens))
-
-
-def hf_generate(model, batch, new_tokens):
-    out = model.generate(**batch, **generate_kwargs(new_tokens))
-    return out[:, batch["input_ids"].shape[1]:]
-
-
 # -- one size --------------------------------------------------------------------------------------
 def bench_size(size: str, args, device: torch.device, tokenizer_dir: Path) -> dict:
     vision = CLIPVisionConfig(**VISION)
@@ -181,8 +149,8 @@ def bench_size(size: str, args, device: torch.device, tokenizer_dir: Path) -> di
     assert image_tokens == hf_image_tokens == (vision.image_size // vision.patch_size) ** 2, (image_tokens, hf_image_tokens)
     batches = make_batches(args.batch_size, args.text_tokens, image_tokens, vision.image_size, args.vocab_size,
                            hf.config.image_token_id, device, args.seed)
-    ours_c = Contender(MMFUSE, ours, lambda n, g: rows(batches[0], n, g), ours_loss, ours_generate)
-    hf_c = Contender(HF, hf, lambda n, g: rows(batches[1], n, g), hf_loss, hf_generate)
+    ours_c = Contender(MMFUSE, ours, lambda n, g: rows(batches[0], n, g), lm_loss, mmfuse_generate)
+    hf_c = Contender(HF, hf, lambda n, g: rows(batches[1], n, g), lm_loss, hf_generate)
     params = {c.name: c.parameter_count() for c in (ours_c, hf_c)}
     assert params[MMFUSE] == params[HF], f"parameter counts differ: {params}"
     attn = {MMFUSE: ours.llm.config._attn_implementation, HF: hf.config.text_config._attn_implementation}

@@ -81,6 +81,17 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+PAD, BOS, EOS = 0, 1, 2  # the special ids of :func:`train_tokenizer`'s tokenizer
+
+
+def text_config(size: str, vocab_size: int) -> dict:
+    """The benchmark's Llama decoder at ``SIZES[size]`` (MHA, untied head, the tokenizer's special ids)."""
+    dims = SIZES[size]
+    return {"model_type": "llama", "vocab_size": vocab_size, **dims, "num_key_value_heads": dims["num_attention_heads"],
+            "max_position_embeddings": 1024, "tie_word_embeddings": False,
+            "pad_token_id": PAD, "bos_token_id": BOS, "eos_token_id": EOS}
+
+
 def train_tokenizer(directory: str | Path, chat_template: str | None = None):
     """A tiny byte-level BPE tokenizer trained on the fly (no network); returns its directory."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -107,6 +118,36 @@ def train_tokenizer(directory: str | Path, chat_template: str | None = None):
 
 
 # -- contenders ----------------------------------------------------------------------------------
+def rows(batch: dict, n: int, for_generation: bool) -> dict:
+    """The first ``n`` rows of every tensor in ``batch`` (nested dicts too); no labels for generation."""
+    out = {}
+    for k, v in batch.items():
+        if for_generation and k == "labels":
+            continue
+        out[k] = rows(v, n, False) if isinstance(v, dict) else v[:n]
+    return out
+
+
+def lm_loss(model: nn.Module, batch: dict) -> torch.Tensor:
+    return model(**batch).loss
+
+
+def greedy_kwargs(new_tokens: int, use_cache: bool = True) -> dict:
+    """Greedy decoding of exactly ``new_tokens`` tokens."""
+    return {"max_new_tokens": new_tokens, "min_new_tokens": new_tokens, "do_sample": False, "use_cache": use_cache,
+            "eos_token_id": EOS, "pad_token_id": PAD}
+
+
+def mmfuse_generate(model: nn.Module, batch: dict, new_tokens: int, use_cache: bool = True) -> torch.Tensor:
+    return model.generate(batch["input_ids"], batch["attention_mask"], batch["media"], **greedy_kwargs(new_tokens, use_cache))
+
+
+def hf_generate(model: nn.Module, batch: dict, new_tokens: int) -> torch.Tensor:
+    """The new tokens only (HF's generate returns the prompt too)."""
+    out = model.generate(**batch, **greedy_kwargs(new_tokens))
+    return out[:, batch["input_ids"].shape[1]:]
+
+
 @dataclass
 class Contender:
     """One model under test.
