@@ -94,12 +94,9 @@ class PerceiverResampler(nn.Module):
                 f"perceiver: num_latents, depth, num_heads and ff_mult must be at least 1, "
                 f"got {num_latents}, {depth}, {num_heads}, {ff_mult}"
             )
-        if max_frames < 0:
-            raise ValueError(f"perceiver: max_frames must be >= 0 (0 = no frame embeddings), got {max_frames}")
         head_dim = head_dim if head_dim is not None else feature_dim // num_heads
         if head_dim < 1:
             raise ValueError(f"perceiver: head_dim must be at least 1 (feature_dim {feature_dim}, num_heads {num_heads})")
-        self.max_frames = max_frames
         # unit-variance init as OpenFlamingo: at the scale of the (layer-normalised) features, so the frame
         # embeddings are not drowned out and frames stay distinguishable from the first step
         self.latents = nn.Parameter(torch.randn(num_latents, feature_dim))
