@@ -8,17 +8,15 @@ strategy's layout asks for, with the count computed from the encoder + connector
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
 from .media import MediaProcessor
-from .schema import END_OF_CHUNK, MARKERS, Message, Sample
+from .schema import END_OF_CHUNK, MARKER_RE, MARKERS, Message, Sample
 
 IGNORE_INDEX = -100
-_MARKER_RE = re.compile("|".join(re.escape(m) for m in MARKERS.values()))
 _MODALITY_OF = {marker: modality for modality, marker in MARKERS.items()}
 
 PLAIN_TEMPLATE = (
@@ -106,7 +104,7 @@ class Processor:
         ``<|endofchunk|>`` that closes it. Text before the first marker and between an
         ``<|endofchunk|>`` and the next marker is not learned (nor are the markers)."""
         text = (self.tokenizer.bos_token or "") + sample.messages[0].content
-        markers = [(m.start(), m.end()) for m in _MARKER_RE.finditer(text)]
+        markers = [(m.start(), m.end()) for m in MARKER_RE.finditer(text)]
         if not markers:
             raise ValueError(f"sample {sample.id!r}: field 'text' has no media marker; a document is learned only "
                              "from the text that follows its media")
@@ -190,7 +188,7 @@ class Processor:
         Text pieces are tokenized separately, so the prompt is tokenized exactly as at generation
         time and each answer as it would be generated.
         """
-        markers = [(m.start(), m.end(), _MODALITY_OF[m.group()]) for m in _MARKER_RE.finditer(text)]
+        markers = [(m.start(), m.end(), _MODALITY_OF[m.group()]) for m in MARKER_RE.finditer(text)]
         cuts = sorted({0, len(text), *(p for span in spans for p in span), *(p for a, b, _ in markers for p in (a, b))})
         marker_at = {a: (b, modality) for a, b, modality in markers}
         for a, b in zip(cuts, cuts[1:]):

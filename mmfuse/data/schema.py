@@ -9,11 +9,13 @@ closed by ``<|endofchunk|>``.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 MARKERS = {"image": "<image>", "audio": "<audio>", "video": "<video>"}
+MARKER_RE = re.compile("|".join(re.escape(m) for m in MARKERS.values()))  # any media marker
 END_OF_CHUNK = "<|endofchunk|>"  # closes the text tied to one media item in a document (OpenFlamingo)
 ROLES = ("system", "user", "assistant", "document")
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import random
-import re
 from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
@@ -24,14 +23,13 @@ from pathlib import Path
 import torch
 
 from ..data.formats import CAPTION_PROMPT, load_samples, resolve_dataset
-from ..data.schema import END_OF_CHUNK, MARKERS, Message, Sample
+from ..data.schema import END_OF_CHUNK, MARKER_RE, Message, Sample
 from .adapter import EvalAdapter
 from .metrics import bleu4, cider_d, exact_match, vqa_accuracy
 from .retrieval import NearestNeighbours, choose_shots
 
 SHOT_SELECTION = ("random", "retrieval")
 SHOT_FORMATS = ("turns", "document")
-_MARKER_RE = re.compile("|".join(re.escape(m) for m in MARKERS.values()))
 FEWSHOT_POOL = 512  # train examples a few-shot prompt draws from
 
 
@@ -159,11 +157,7 @@ def _first_modality(sample: Sample) -> str:
 def _prepend(sample: Sample, shots: list[Sample]) -> Sample:
     """``sample`` with each shot's conversation (and media, in marker order) placed before it."""
     messages = [m for shot in shots for m in shot.messages] + sample.messages
-    media = {
-        modality: [item for s in [*shots, sample] for item in s.media.get(modality, [])]
-        for modality in {m for s in [*shots, sample] for m in s.media}
-    }
-    return dataclasses.replace(sample, id=f"{sample.id}+{len(shots)}shot", messages=messages, media=media)
+    return dataclasses.replace(sample, id=f"{sample.id}+{len(shots)}shot", messages=messages, media=_media_in_order([*shots, sample]))
 
 
 def _as_document(sample: Sample, shots: list[Sample]) -> Sample:
@@ -175,18 +169,20 @@ def _as_document(sample: Sample, shots: list[Sample]) -> Sample:
         if len(messages) != 1 or messages[0].role != "user":
             raise ValueError(f"sample {example.id!r}: the document shot format takes one-question samples")
         content = messages[0].content
-        markers = "".join(m.group() for m in _MARKER_RE.finditer(content))
-        question = _MARKER_RE.sub("", content).strip()
+        markers = "".join(m.group() for m in MARKER_RE.finditer(content))
+        question = MARKER_RE.sub("", content).strip()
         question = "" if question in CAPTION_PROMPT.values() else question
         chunks.append((markers, question, answer))
     text = "".join(f"{m}{q + ' ' if q else ''}{a}{END_OF_CHUNK}" for m, q, a in chunks[:-1])
     text += chunks[-1][0] + chunks[-1][1]
-    media = {
-        modality: [item for s in [*shots, sample] for item in s.media.get(modality, [])]
-        for modality in {m for s in [*shots, sample] for m in s.media}
-    }
     meta = {**sample.meta, "answer": chunks[-1][2]}
-    return Sample(f"{sample.id}+{len(shots)}shot", [Message("document", text)], media, meta)
+    return Sample(f"{sample.id}+{len(shots)}shot", [Message("document", text)], _media_in_order([*shots, sample]), meta)
+
+
+def _media_in_order(samples: list[Sample]) -> dict[str, list]:
+    """Per modality, the samples' media items one sample after another (their markers' order)."""
+    modalities = {m for s in samples for m in s.media}
+    return {m: [item for s in samples for item in s.media.get(m, [])] for m in modalities}
 
 
 def embed_samples(adapter: EvalAdapter, samples: list[Sample]) -> torch.Tensor:
