@@ -44,8 +44,8 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .base import FusionStrategy
 from .embedding import PLACEHOLDER_IDS, splice_media
-from .layers import attention_module, decoder_layers
-from .markers import MARKER_IDS, MediaMarkers, check_item_counts
+from .layers import attention_heads, attention_module, decoder_layers
+from .markers import MARKER_IDS, MediaMarkers, check_item_counts, init_std
 
 ATTENTION_NAME = "mmfuse_adapter_prompts"
 GATES = ("tanh", "linear")
@@ -80,12 +80,11 @@ def adapter_attention(module, query, key, value, attention_mask, **kwargs):
                          f"{ATTENTION_NAME!r} but belongs to no adapter-prompt model; a copied config keeps that setting: "
                          "call set_attn_implementation('sdpa') on the copy")
     fusion, slot = module.__dict__[OWNER]
-    context = kwargs.pop("adapter_context", None)
+    context = fusion.call_context(kwargs)
     base = ALL_ATTENTION_FUNCTIONS.get_interface(fusion.base_attention, sys.modules[type(module).__module__].eager_attention_forward)
     out, weights = base(module, query, key, value, attention_mask, **kwargs)
     if slot is None:
         return out, weights
-    context = context if context is not None else fusion._generation_context
     scaling = kwargs.get("scaling") or module.head_dim**-0.5
     return out + fusion.prompt_attention(module, slot, query, scaling, context).to(out.dtype), weights
 
@@ -113,8 +112,7 @@ class AdapterPromptFusion(FusionStrategy):
         self.base_attention = "sdpa"
         self.prompts = nn.Parameter(torch.zeros(0))
         self.gates = nn.Parameter(torch.zeros(0))
-        self.markers = MediaMarkers([], 1, 0.0)
-        self._generation_context: torch.Tensor | None = None
+        self.markers = MediaMarkers([])
 
     def layout(self, modality: str, num_tokens: int) -> list[int]:
         if self.media == "early":
@@ -125,7 +123,6 @@ class AdapterPromptFusion(FusionStrategy):
         return [MARKER_IDS[modality]]
 
     def attach(self, llm: nn.Module, media_dims: dict[str, int]) -> None:
-        config = llm.config.get_text_config()
         dim = llm.get_input_embeddings().embedding_dim
         wrong = {m: w for m, w in media_dims.items() if w != dim}
         if wrong:
@@ -133,12 +130,10 @@ class AdapterPromptFusion(FusionStrategy):
         layers = decoder_layers(llm)
         self.layer_indices = adapted_layers(len(layers), self.layers)
         attention = [attention_module(layer) for layer in layers]
-        heads = getattr(config, "num_attention_heads", None) or config.n_head
         # unit-scale prompts, as LLaMA-Adapter's nn.Embedding: they meet k/v projections made for normed states
         self.prompts = nn.Parameter(torch.randn(len(self.layer_indices), self.prompt_length, dim))
-        self.gates = nn.Parameter(torch.zeros(len(self.layer_indices), heads))
-        self.markers = MediaMarkers([] if self.media == "early" else list(media_dims), dim,
-                                    getattr(config, "initializer_range", 0.02))
+        self.gates = nn.Parameter(torch.zeros(len(self.layer_indices), attention_heads(llm)))
+        self.markers = MediaMarkers([] if self.media == "early" else list(media_dims), dim, init_std(llm))
         if self.tune_bias_scale:
             self.bias_scale = attach_bias_scale(layers)
         slot_of = {index: slot for slot, index in enumerate(self.layer_indices)}

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from .embedding import EmbeddingFusion
-from .layers import decoder_layers
+from .layers import decoder_layers, feed_forward
 
 
 class AdapterMixture(nn.Module):
@@ -50,9 +50,6 @@ class AdapterMixtureFusion(EmbeddingFusion):
         dim = llm.get_input_embeddings().embedding_dim
         mixtures = []
         for layer in decoder_layers(llm):
-            mlp = getattr(layer, "mlp", None)
-            if not isinstance(mlp, nn.Module):
-                raise ValueError(f"{type(layer).__name__}: no 'mlp' module to put adapters beside")
             mixtures.append(mixture := AdapterMixture(dim, self.num_adapters, self.rank))
-            mlp.register_forward_hook(mixture.hook)
+            feed_forward(layer, "to put adapters beside").register_forward_hook(mixture.hook)
         self.mixtures = nn.ModuleList(mixtures)

@@ -48,6 +48,12 @@ class FusionStrategy(nn.Module):
         """
         raise NotImplementedError
 
+    def call_context(self, kwargs: dict):
+        """The per-call context a hook reads: popped from the forward's ``kwargs`` under
+        :attr:`context_key` (so the LLM's own modules never see it), else the one held for ``generate``."""
+        context = kwargs.pop(self.context_key, None)
+        return context if context is not None else self._generation_context
+
     def auxiliary_loss(self) -> torch.Tensor | None:
         """A loss term of the last forward that the model adds to the LM loss (an MoE router's balance
         loss), or None."""

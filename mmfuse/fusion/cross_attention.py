@@ -33,8 +33,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .base import FusionStrategy
-from .layers import decoder_layers
-from .markers import MARKER_IDS, MediaMarkers, check_item_counts
+from .layers import attention_heads, decoder_layers
+from .markers import MARKER_IDS, MediaMarkers, check_item_counts, init_std
 
 PLACEMENTS = ("openflamingo", "idefics")
 MEDIA_ATTENTION = ("immediate", "all_previous")
@@ -160,8 +160,7 @@ class CrossAttentionFusion(FusionStrategy):
         self.num_heads, self.ff_mult, self.qk_norm = num_heads, ff_mult, qk_norm
         self.layer_indices: list[int] = []
         self.blocks = nn.ModuleList()
-        self.markers = MediaMarkers([], 1, 0.0)
-        self._generation_context: MediaContext | None = None
+        self.markers = MediaMarkers([])
 
     # -- layout -----------------------------------------------------------------------------------
     def layout(self, modality: str, num_tokens: int) -> list[int]:
@@ -173,21 +172,20 @@ class CrossAttentionFusion(FusionStrategy):
         return encoder_dim
 
     def attach(self, llm: nn.Module, media_dims: dict[str, int]) -> None:
-        config = llm.config.get_text_config()
         dim = llm.get_input_embeddings().embedding_dim
-        heads = self.num_heads or getattr(config, "num_attention_heads", None) or config.n_head
+        heads = self.num_heads or attention_heads(llm)
         layers = decoder_layers(llm)
         self.layer_indices = cross_attention_layers(len(layers), self.every, self.placement)
         self.blocks = nn.ModuleList(GatedCrossAttentionBlock(dim, media_dims, heads, self.ff_mult, self.qk_norm)
                                     for _ in self.layer_indices)
-        self.markers = MediaMarkers(list(media_dims), dim, getattr(config, "initializer_range", 0.02))
+        self.markers = MediaMarkers(list(media_dims), dim, init_std(llm))
         block_of = dict(zip(self.layer_indices, range(len(self.layer_indices))))
         for index, layer in enumerate(layers):
             # a partial of a bound method, not a closure: a deep copy of the model rebinds it to the copy
             layer.register_forward_pre_hook(functools.partial(self._before_layer, block_of.get(index)), with_kwargs=True)
 
     def _before_layer(self, block: int | None, module, args, kwargs):
-        context = kwargs.pop(self.context_key, None) or self._generation_context
+        context = self.call_context(kwargs)
         if block is None or context is None:
             return args, kwargs
         if args:

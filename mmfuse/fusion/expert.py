@@ -38,7 +38,8 @@ from torch import nn
 
 from .base import FusionStrategy
 from .embedding import PLACEHOLDER_IDS, splice_media
-from .layers import attention_module, decoder_layers
+from .layers import attention_module, decoder_layers, feed_forward
+from .markers import MediaMarkers, init_std
 
 BOI_IDS = {"image": -310, "audio": -311, "video": -312}
 EOI_IDS = {"image": -320, "audio": -321, "video": -322}
@@ -74,9 +75,7 @@ def routed_modules(layer: nn.Module, parts: list[str]) -> dict[str, tuple[nn.Mod
         else:  # GPT-2's fused q/k/v: the copy replaces the key and value columns only
             found["c_attn"] = (attention.c_attn, slice(attention.split_size, None))
     if "mlp" in parts:
-        if not isinstance(getattr(layer, "mlp", None), nn.Module):
-            raise ValueError(f"{type(layer).__name__}: no 'mlp' module to copy into an expert")
-        found["mlp"] = (layer.mlp, slice(None))
+        found["mlp"] = (feed_forward(layer, "to copy into an expert"), slice(None))
     if "norms" in parts:
         norms = {n: c for n, c in layer.named_children() if "norm" in type(c).__name__.lower()}
         if len(norms) != 2:
@@ -107,21 +106,19 @@ class RoutedExpertFusion(FusionStrategy):
         self.parts, self.boundary_tokens, self.shared_position = list(parts), boundary_tokens, shared_position
         self.media_attention = media_attention
         self.experts = nn.ModuleDict()
-        self.boi = nn.ParameterDict()
-        self.eoi = nn.ParameterDict()
+        self.boi = MediaMarkers([], ids=BOI_IDS)
+        self.eoi = MediaMarkers([], ids=EOI_IDS)
         self._routes: dict[str, torch.Tensor] | None = None
-        self._generation_context: ExpertContext | None = None
 
     def layout(self, modality: str, num_tokens: int) -> list[int]:
         media = [PLACEHOLDER_IDS[modality]] * num_tokens
         return [BOI_IDS[modality], *media, EOI_IDS[modality]] if self.boundary_tokens else media
 
     def attach(self, llm: nn.Module, media_dims: dict[str, int]) -> None:
-        dim = llm.get_input_embeddings().embedding_dim
-        std = getattr(llm.config.get_text_config(), "initializer_range", 0.02)
         if self.boundary_tokens:
-            self.boi = nn.ParameterDict({m: nn.Parameter(torch.randn(dim) * std) for m in media_dims})
-            self.eoi = nn.ParameterDict({m: nn.Parameter(torch.randn(dim) * std) for m in media_dims})
+            dim, std = llm.get_input_embeddings().embedding_dim, init_std(llm)
+            self.boi = MediaMarkers(list(media_dims), dim, std, BOI_IDS)
+            self.eoi = MediaMarkers(list(media_dims), dim, std, EOI_IDS)
         layers = [routed_modules(layer, self.parts) for layer in decoder_layers(llm)]
         self.experts = nn.ModuleDict({
             m: nn.ModuleList(nn.ModuleDict({n: copy.deepcopy(module) for n, (module, _) in found.items()}) for found in layers)
@@ -148,7 +145,7 @@ class RoutedExpertFusion(FusionStrategy):
         return output
 
     def _enter(self, module, args, kwargs):
-        context = kwargs.pop(self.context_key, None) or self._generation_context
+        context = self.call_context(kwargs)
         if context is None:
             return args, kwargs
         embeds = kwargs.get("inputs_embeds")
@@ -178,20 +175,18 @@ class RoutedExpertFusion(FusionStrategy):
     def llm_inputs(self, llm, input_ids, media):
         """-> ``{"inputs_embeds": (B, L, d), "expert_context": ExpertContext}``."""
         embeds = splice_media(llm.get_input_embeddings()(input_ids.clamp(min=0)), input_ids, media)
+        boi, eoi = self.boi.masks(input_ids), self.eoi.masks(input_ids)
+        embeds = self.eoi.place(self.boi.place(embeds, boi), eoi)
         routes, collapsed = {}, torch.zeros_like(input_ids, dtype=torch.bool)
-        media = torch.zeros_like(collapsed)
+        is_media = torch.zeros_like(collapsed)
         for modality in self.experts:
-            routes[modality] = placeholder = input_ids == PLACEHOLDER_IDS[modality]
-            media |= placeholder
-            if self.boundary_tokens:
-                boi, eoi = input_ids == BOI_IDS[modality], input_ids == EOI_IDS[modality]
-                embeds = torch.where(boi.unsqueeze(-1), self.boi[modality].to(embeds.dtype), embeds)
-                embeds = torch.where(eoi.unsqueeze(-1), self.eoi[modality].to(embeds.dtype), embeds)
-                routes[modality] = placeholder | boi
+            placeholder = input_ids == PLACEHOLDER_IDS[modality]
+            routes[modality] = placeholder | boi[modality] if self.boundary_tokens else placeholder
+            is_media |= placeholder
             if self.shared_position:
                 collapsed |= placeholder & nn.functional.pad(placeholder, (1, 0))[:, :-1]  # not the item's first
-        first = media & ~nn.functional.pad(media, (1, 0))[:, :-1]
-        items = first.long().cumsum(dim=1) * media
+        first = is_media & ~nn.functional.pad(is_media, (1, 0))[:, :-1]
+        items = first.long().cumsum(dim=1) * is_media
         return {"inputs_embeds": embeds, "expert_context": ExpertContext(routes, collapsed, items)}
 
 

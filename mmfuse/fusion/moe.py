@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from .embedding import EmbeddingFusion
-from .layers import decoder_layers
+from .layers import decoder_layers, feed_forward
 
 
 class MoEFeedForward(nn.Module):
@@ -87,10 +87,7 @@ class MoEFusion(EmbeddingFusion):
         self.layer_indices = list(range(len(layers)))[:: self.every]
         blocks = []
         for slot, index in enumerate(self.layer_indices):
-            dense = getattr(layers[index], "mlp", None)
-            if not isinstance(dense, nn.Module):
-                raise ValueError(f"{type(layers[index]).__name__}: no 'mlp' module to turn into experts")
-            blocks.append(MoEFeedForward(dense, dim, self.num_experts, self.top_k))
+            blocks.append(MoEFeedForward(feed_forward(layers[index], "to turn into experts"), dim, self.num_experts, self.top_k))
             layers[index].mlp = _Forwarder(self, slot)
         self.moe = nn.ModuleList(blocks)
 
