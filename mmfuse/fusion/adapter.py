@@ -81,8 +81,7 @@ def adapter_attention(module, query, key, value, attention_mask, **kwargs):
                          "call set_attn_implementation('sdpa') on the copy")
     fusion, slot = module.__dict__[OWNER]
     context = fusion.call_context(kwargs)
-    base = ALL_ATTENTION_FUNCTIONS.get_interface(fusion.base_attention, sys.modules[type(module).__module__].eager_attention_forward)
-    out, weights = base(module, query, key, value, attention_mask, **kwargs)
+    out, weights = fusion.base_attention_function(module, query, key, value, attention_mask, **kwargs)
     if slot is None:
         return out, weights
     scaling = kwargs.get("scaling") or module.head_dim**-0.5
@@ -140,6 +139,10 @@ class AdapterPromptFusion(FusionStrategy):
         for index, module in enumerate(attention):
             module.__dict__[OWNER] = (self, slot_of.get(index))
         self.base_attention = llm.config._attn_implementation
+        # resolved once here, not at every attention call: the kernel the LLM ran before (eager falls back
+        # to its modeling file's own function)
+        self.base_attention_function = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.base_attention, sys.modules[type(attention[0]).__module__].eager_attention_forward)
         llm.set_attn_implementation(ATTENTION_NAME)
 
     def prompt_attention(self, module: nn.Module, slot: int, query: torch.Tensor, scaling: float,
