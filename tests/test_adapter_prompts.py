@@ -203,3 +203,28 @@ def test_llama_adapter_v2_bias_scale_is_about_0_04_percent_of_llama_7b():
     assert tuned == 32 * 2 * (4 * 4096 + 2 * 11008 + 4096)  # bias + scale per output of q/k/v/o, gate/up, down
     share = tuned / sum(p.numel() for p in llm.parameters())
     assert 0.00035 < share < 0.00045  # ~0.04%
+
+
+def test_padding_is_masked_and_eager_llms_keep_their_mask(tokenizer_dir, media_dir):
+    """transformers builds no attention mask for an implementation without a mask function, which would
+    let left padding be attended (and leave an eager LLM without its causal mask)."""
+    model = _model(tokenizer_dir)
+    _open_gates(model, 0.7)
+    samples = [Sample(f"g{i}", [Message("user", f"{'look ' * (3 * i)}<image>\nwhat colour?")], {"image": [media_dir / "a.png"]})
+               for i in range(2)]
+    kw = dict(max_new_tokens=5, min_new_tokens=5, do_sample=False)
+    batch = model.collator("left")([model.processor(s, for_generation=True) for s in samples])
+    assert (batch["attention_mask"] == 0).any()  # the first prompt is left-padded
+    alone = model.collator("left")([model.processor(samples[0], for_generation=True)])
+    together = model.generate(batch["input_ids"], batch["attention_mask"], batch["media"], **kw)
+    assert torch.equal(model.generate(alone["input_ids"], alone["attention_mask"], alone["media"], **kw)[0], together[0])
+    config = tiny_config(tokenizer_dir, fusion=FusionConfig(type="B", options={"mechanism": "adapter_prompts"}))
+    config.llm.hf_config["_attn_implementation"] = "eager"
+    eager = MultimodalLM.from_config(config).eval()
+    assert eager.fusion.base_attention == "eager"
+    bare = AutoModelForCausalLM.from_config(copy.deepcopy(eager.llm.config)).eval()
+    bare.load_state_dict(eager.llm.state_dict())
+    bare.set_attn_implementation("eager")
+    text = _text_batch(eager)
+    with torch.no_grad():
+        torch.testing.assert_close(eager(**text).logits, bare(input_ids=text["input_ids"]).logits, rtol=0, atol=0)

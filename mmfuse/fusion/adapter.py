@@ -25,8 +25,9 @@ becomes ``y = s * (W x + b)`` with ``b = 0`` and ``s = 1`` at the start (forward
 ``s`` live here, in ``fusion.bias_scale``); V2 also tunes the LLM's norms (group ``llm.norms``).
 
 How it reaches the LLM: through transformers' attention interface. The LLM's attention
-implementation is set to :data:`ATTENTION_NAME`, a function that runs the original implementation
-(sdpa, eager, flash, ...) and adds the prompt term; queries arrive there after the model's own
+implementation is set to a registered function (named after :data:`ATTENTION_NAME` and the original
+implementation, whose mask format it keeps) that runs the original implementation (sdpa, eager,
+flash, ...) and adds the prompt term; queries arrive there after the model's own
 rotary embedding, so nothing of the LLM is re-implemented. The per-row media features travel as the
 ``adapter_context`` keyword of the LLM's forward, which Hugging Face decoders hand to every attention
 call; during ``generate`` (which rejects unknown keywords) they are set for the duration of the call.
@@ -40,6 +41,7 @@ import sys
 import torch
 from torch import nn
 from transformers import AttentionInterface
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .base import FusionStrategy
@@ -77,7 +79,7 @@ def adapter_attention(module, query, key, value, attention_mask, **kwargs):
     """The registered attention function: the original attention plus the adapter-prompt term."""
     if OWNER not in module.__dict__:
         raise ValueError(f"{type(module).__name__} (layer {getattr(module, 'layer_idx', '?')}) runs attention "
-                         f"{ATTENTION_NAME!r} but belongs to no adapter-prompt model; a copied config keeps that setting: "
+                         f"'{ATTENTION_NAME}_*' but belongs to no adapter-prompt model; a copied config keeps that setting: "
                          "call set_attn_implementation('sdpa') on the copy")
     fusion, slot = module.__dict__[OWNER]
     context = fusion.call_context(kwargs)
@@ -88,7 +90,15 @@ def adapter_attention(module, query, key, value, attention_mask, **kwargs):
     return out + fusion.prompt_attention(module, slot, query, scaling, context).to(out.dtype), weights
 
 
-AttentionInterface.register(ATTENTION_NAME, adapter_attention)
+def register_attention(base: str) -> str:
+    """The attention implementation name for an LLM whose own implementation is ``base``:
+    :func:`adapter_attention`, with ``base``'s attention-mask format (transformers builds no mask at all,
+    padding included, for an implementation it has no mask function for)."""
+    name = f"{ATTENTION_NAME}_{base}"
+    AttentionInterface.register(name, adapter_attention)
+    if base in ALL_MASK_ATTENTION_FUNCTIONS:
+        AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[base])
+    return name
 
 
 class AdapterPromptFusion(FusionStrategy):
@@ -143,7 +153,7 @@ class AdapterPromptFusion(FusionStrategy):
         # to its modeling file's own function)
         self.base_attention_function = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.base_attention, sys.modules[type(attention[0]).__module__].eager_attention_forward)
-        llm.set_attn_implementation(ATTENTION_NAME)
+        llm.set_attn_implementation(register_attention(self.base_attention))
 
     def prompt_attention(self, module: nn.Module, slot: int, query: torch.Tensor, scaling: float,
                          media: torch.Tensor | None) -> torch.Tensor:
