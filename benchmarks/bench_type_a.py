@@ -21,12 +21,9 @@ from __future__ import annotations
 
 import gc
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 import torch
-import transformers
 from transformers import (
     CLIPVisionConfig,
     IdeficsConfig,
@@ -45,17 +42,13 @@ from common import (  # noqa: E402
     mmfuse_generate,
     rows,
     text_config,
-    machine_description,
     measure_generation,
     measure_training,
     paired_ratio,
     parse_benchmark_args,
-    pick_device,
     print_table,
     ratio,
-    set_threads,
-    train_tokenizer,
-    write_json,
+    run_sizes,
 )
 
 from mmfuse.config import ConnectorConfig, EncoderConfig, FusionConfig, LLMConfig, MultimodalConfig  # noqa: E402
@@ -478,31 +471,7 @@ def report(res: dict, args) -> None:
 
 def main(argv=None) -> int:
     args = parse_benchmark_args(__doc__, SIZES, argv)
-    sizes = args.sizes
-
-    set_threads(args.threads)
-    device = pick_device(args.device)
-    transformers.logging.set_verbosity_error()
-    machine = machine_description(device)
-    print(f"device: {device} ({machine}); torch {torch.__version__}, transformers {transformers.__version__}")
-    payload = {"machine": machine, "device": str(device), "torch": torch.__version__,
-               "transformers": transformers.__version__, "args": vars(args), "results": {}}
-    start = time.perf_counter()
-    with tempfile.TemporaryDirectory() as tmp:
-        tokenizer_dir = train_tokenizer(Path(tmp) / "tokenizer")
-        for size in sizes:
-            t0 = time.perf_counter()
-            res = bench_size(size, args, device, tokenizer_dir)
-            res["wall_s"] = time.perf_counter() - t0
-            payload["results"][size] = res
-            report(res, args)
-    payload["wall_s"] = time.perf_counter() - start
-    payload["all_targets_pass"] = all(t["pass"] for r in payload["results"].values() for t in r["targets"].values())
-    print(f"total {payload['wall_s']:.0f}s")
-    if args.json:
-        write_json(args.json, payload)
-        print(f"wrote {args.json}")
-    return 0 if payload["all_targets_pass"] or not args.strict else 1
+    return run_sizes(args, bench_size, report, lambda r: all(t["pass"] for t in r["targets"].values()), "all_targets_pass")
 
 
 if __name__ == "__main__":

@@ -12,12 +12,9 @@ from __future__ import annotations
 
 import gc
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 import torch
-import transformers
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -31,17 +28,13 @@ from common import (  # noqa: E402
     mmfuse_generate,
     rows,
     text_config,
-    machine_description,
     measure_generation,
     measure_training,
     paired_ratio,
     parse_benchmark_args,
-    pick_device,
     print_table,
     ratio,
-    set_threads,
-    train_tokenizer,
-    write_json,
+    run_sizes,
 )
 
 from mmfuse.config import ConnectorConfig, EncoderConfig, LLMConfig, MultimodalConfig  # noqa: E402
@@ -256,29 +249,7 @@ def report(res: dict, args) -> None:
 
 def main(argv=None) -> int:
     args = parse_benchmark_args(__doc__, SIZES, argv, strict_help="exit 1 when the train-step ratio exceeds the acceptance bound")
-    sizes = args.sizes
-
-    set_threads(args.threads)
-    device = pick_device(args.device)
-    transformers.logging.set_verbosity_error()
-    machine = machine_description(device)
-    print(f"device: {device} ({machine}); torch {torch.__version__}, transformers {transformers.__version__}")
-    payload = {"machine": machine, "device": str(device), "torch": torch.__version__,
-               "transformers": transformers.__version__, "args": vars(args), "results": {}}
-    start = time.perf_counter()
-    with tempfile.TemporaryDirectory() as tmp:
-        tokenizer_dir = train_tokenizer(Path(tmp) / "tokenizer")
-        for size in sizes:
-            res = bench_size(size, args, device, tokenizer_dir)
-            payload["results"][size] = res
-            report(res, args)
-    payload["wall_s"] = time.perf_counter() - start
-    payload["accept"] = all(r["train_step_accept"] for r in payload["results"].values())
-    print(f"total {payload['wall_s']:.0f}s")
-    if args.json:
-        write_json(args.json, payload)
-        print(f"wrote {args.json}")
-    return 0 if payload["accept"] or not args.strict else 1
+    return run_sizes(args, bench_size, report, lambda r: r["train_step_accept"], "accept")
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ import os
 import platform
 import re
 import statistics
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -423,3 +424,35 @@ def parse_benchmark_args(doc: str, sizes: dict, argv=None, strict_help: str = "e
         ap.error("--new-tokens must be at least 2 (decode time per token leaves the first token out)")
     return args
 
+
+
+def run_sizes(args: argparse.Namespace, bench_size: Callable[..., dict], report: Callable[[dict, argparse.Namespace], None],
+              passed: Callable[[dict], bool], verdict: str) -> int:
+    """The shared driver: set up the device and threads, train a tokenizer, run ``bench_size(size, args,
+    device, tokenizer_dir)`` and ``report`` for each size, record ``passed(result)`` over all sizes under
+    ``verdict``, write ``--json``; the exit code is 1 only with ``--strict`` and a failed verdict."""
+    import transformers
+
+    set_threads(args.threads)
+    device = pick_device(args.device)
+    transformers.logging.set_verbosity_error()
+    machine = machine_description(device)
+    print(f"device: {device} ({machine}); torch {torch.__version__}, transformers {transformers.__version__}")
+    payload = {"machine": machine, "device": str(device), "torch": torch.__version__,
+               "transformers": transformers.__version__, "args": vars(args), "results": {}}
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer_dir = train_tokenizer(Path(tmp) / "tokenizer")
+        for size in args.sizes:
+            t0 = time.perf_counter()
+            res = bench_size(size, args, device, tokenizer_dir)
+            res["wall_s"] = time.perf_counter() - t0
+            payload["results"][size] = res
+            report(res, args)
+    payload["wall_s"] = time.perf_counter() - start
+    payload[verdict] = all(passed(r) for r in payload["results"].values())
+    print(f"total {payload['wall_s']:.0f}s")
+    if args.json:
+        write_json(args.json, payload)
+        print(f"wrote {args.json}")
+    return 0 if payload[verdict] or not args.strict else 1
