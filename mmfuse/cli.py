@@ -155,19 +155,25 @@ def generate(
     prompt: str = typer.Option(..., help="The user's message."),
     image: Optional[list[Path]] = typer.Option(None, help="Image file(s); each goes where an <image> marker is (prepended if none)."),
     audio: Optional[list[Path]] = typer.Option(None, help="Audio file(s); likewise with <audio>."),
-    max_new_tokens: int = typer.Option(32),
+    output: str = typer.Option("text", help="What the reply may hold, comma-separated: text, image, audio (Type-D models)."),
+    out_dir: Path = typer.Option(Path("."), help="Where generated images (PNG) and sounds (WAV) are written."),
+    max_new_tokens: int = typer.Option(32, help="New tokens; a generated media item needs its whole span (e.g. 38 for a 36-code image)."),
     temperature: float = typer.Option(0.0, help="0 = greedy; otherwise sample with this temperature."),
     top_p: float = typer.Option(1.0),
+    guidance_scale: float = typer.Option(1.0, help="Classifier-free guidance (> 1 turns it on; the unconditional branch sees only the last prompt token)."),
     seed: int = typer.Option(0),
 ):
-    """Answer a prompt about media, streaming the tokens as they come."""
+    """Answer a prompt about media, streaming the tokens as they come; a Type-D model may answer with
+    images and sounds, which are written to ``out_dir``."""
     import torch
     from transformers import TextStreamer
 
+    from .data.media import save_media
     from .data.schema import MARKERS, Message, Sample
     from .model import MultimodalLM
 
     model = MultimodalLM.from_pretrained(run)
+    outputs = tuple(o.strip() for o in output.split(",") if o.strip())
     media = {m: list(files) for m, files in (("image", image), ("audio", audio)) if files}
     text = prompt
     for modality, files in media.items():
@@ -176,8 +182,22 @@ def generate(
     torch.manual_seed(seed)
     sample = Sample("cli", [Message("user", text)], media)
     sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {"do_sample": False}
-    streamer = TextStreamer(model.tokenizer, skip_prompt=True, skip_special_tokens=True)
-    model.answer([sample], max_new_tokens=max_new_tokens, streamer=streamer, **sampling)
+    if guidance_scale != 1.0:
+        sampling["guidance_scale"] = guidance_scale
+    if outputs == ("text",):
+        streamer = TextStreamer(model.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        model.answer([sample], max_new_tokens=max_new_tokens, streamer=streamer, **sampling)
+        return
+    batch = model.collator("left")([model.processor(sample, for_generation=True)])
+    tokens = model.generate(batch["input_ids"], batch["attention_mask"], batch["media"], outputs=outputs,
+                            max_new_tokens=max_new_tokens, **sampling)
+    reply, items = model.decode_output(tokens)[0]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for i, (modality, item) in enumerate(items):
+        path = out_dir / f"generated-{i}.{'wav' if modality == 'audio' else 'png'}"
+        save_media(modality, item, path, sampling_rate=model.media_processors[modality].sampling_rate)
+        typer.echo(f"{modality} -> {path}")
+    typer.echo(reply)
 
 
 @app.command()

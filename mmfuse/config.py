@@ -145,11 +145,26 @@ class ConnectorConfig(JsonConfig):
 
 
 @dataclass
+class CodecConfig(JsonConfig):
+    """A Type-D modality tokenizer (``mmfuse.codecs``): media to discrete codes and back.
+
+    ``name_or_path``: ``world:image_codec`` / ``world:audio_codec`` / ``world:semantic_audio``, a saved
+    codec directory, or a transformers codec (``ChameleonVQVAE``, ``EncodecModel``) by hub id or path;
+    ``settings``: ``{"kind": ..., ...}`` builds the architecture with untrained weights instead. A saved
+    checkpoint stores the resolved ``settings`` (the weights are in its safetensors)."""
+
+    modality: str = "image"
+    name_or_path: str | None = None
+    settings: dict[str, Any] | None = None
+
+
+@dataclass
 class FusionConfig(JsonConfig):
     """Which survey type and its settings: ``type`` "A" (cross-attention, options of
     :class:`~mmfuse.fusion.CrossAttentionFusion`), "B" (custom layers: ``options.mechanism`` picks one of
     ``mmfuse.fusion.TYPE_B_MECHANISMS``, e.g. ``adapter_prompts``, the rest are its options) or "C"
-    (non-tokenized early fusion)."""
+    (non-tokenized early fusion) or "D" (tokenized early fusion: the modalities in
+    ``MultimodalConfig.codecs`` become vocabulary tokens; options of :class:`~mmfuse.fusion.TokenFusion`)."""
 
     type: str = "C"
     options: dict[str, Any] = field(default_factory=dict)
@@ -160,6 +175,7 @@ class MultimodalConfig(JsonConfig):
     llm: LLMConfig = field(default_factory=LLMConfig)
     encoders: dict[str, EncoderConfig] = field(default_factory=dict)
     connectors: dict[str, ConnectorConfig] = field(default_factory=dict)
+    codecs: dict[str, CodecConfig] = field(default_factory=dict)  # Type-D: modalities read and written as tokens
     fusion: FusionConfig = field(default_factory=FusionConfig)
     max_length: int = 512
     chat_template: str | None = None  # overrides the tokenizer's template
@@ -174,5 +190,13 @@ class MultimodalConfig(JsonConfig):
         missing = sorted(set(self.encoders) - set(self.connectors))
         if missing:
             raise ValueError(f"connectors: no connector for modality {missing}; add connectors.{missing[0]}")
+        for name, codec in self.codecs.items():
+            if name not in MODALITIES or codec.modality != name:
+                raise ValueError(f"codecs: key {name!r} must be a modality in {MODALITIES} equal to its modality field ({codec.modality!r})")
+        both = sorted(set(self.codecs) & set(self.encoders))
+        if both:
+            raise ValueError(f"modality {both[0]!r} has both an encoder and a codec; a modality is read either continuously or as tokens")
+        if (self.fusion.type == "D") != bool(self.codecs):
+            raise ValueError("fusion.type 'D' needs codecs (the modalities read as tokens), and codecs need fusion.type 'D'")
         if self.on_overflow not in ("error", "skip"):
             raise ValueError(f"on_overflow must be 'error' or 'skip', got {self.on_overflow!r}")

@@ -19,7 +19,7 @@ from .data.schema import MARKERS, Message, Sample
 from .model import MultimodalLM
 from .modes import training_mode
 from .train.config import StageConfig
-from .train.stage import apply_stage
+from .train.stage import apply_stage, vocabulary_tables
 
 # the world's encoder for a modality a recipe does not have yet (what adding it costs)
 WORLD_ENCODERS = {
@@ -90,9 +90,9 @@ def trainable_parameters(model: MultimodalLM, stages: list[StageConfig]) -> int:
     embedding trained only in its added rows counts those rows)."""
     trained: dict[int, int] = {}
     for stage in stages:
-        rows = model.llm.get_input_embeddings().weight if stage.train_added_tokens else None
+        rows = {id(table) for table in vocabulary_tables(model)} if stage.train_added_tokens else set()
         for p in apply_stage(model, stage):
-            count = len(model.added_token_ids()) * p.shape[1] if p is rows else p.numel()
+            count = len(model.added_token_ids()) * p.shape[1] if id(p) in rows else p.numel()
             trained[id(p)] = max(trained.get(id(p), 0), count)
     return sum(trained.values())
 

@@ -1,6 +1,7 @@
 """MultimodalLM: an LLM, one encoder and connector per modality, and a fusion strategy.
 
     media[m] -> encoders[m] -> connectors[m] -> fusion strategy -> Hugging Face causal LM
+    media[m] -> codecs[m] -> codes -> Type-D vocabulary tokens -> Hugging Face causal LM -> codecs[m].decode
 
 A checkpoint directory holds ``config.json`` + ``model.safetensors`` + the tokenizer files + one
 media processor per modality under ``processors/<m>/``; loading never unpickles.
@@ -12,7 +13,9 @@ import copy
 import json
 from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image
 from safetensors.torch import load_model, save_model
 from torch import nn
 
@@ -24,14 +27,18 @@ from .backbones.loading import (
     load_llm,
     load_media_processor,
     load_tokenizer,
+    saved_processor,
 )
+from . import codecs as mmfuse_codecs
+from .codecs.base import MediaCodec
 from .config import MultimodalConfig
 from .connectors import Connector
 from .data.collate import Collator
 from .data.media import MediaProcessor
 from .data.processor import Processor
-from .data.schema import Sample
+from .data.schema import MARKERS, Sample
 from .fusion import build_fusion
+from .fusion.constraints import MediaSpans, split_media_spans
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -41,12 +48,16 @@ class MultimodalLM(nn.Module):
     """The composed model. Build with :meth:`from_config` (backbones named in the config) or
     :meth:`from_pretrained` (a saved mmfuse checkpoint)."""
 
-    def __init__(self, config: MultimodalConfig, llm, encoders: dict[str, MediaEncoder], tokenizer, media_processors):
+    def __init__(self, config: MultimodalConfig, llm, encoders: dict[str, MediaEncoder], tokenizer, media_processors,
+                 codecs: dict[str, MediaCodec] | None = None):
         super().__init__()
         self.config = config
         self.llm = llm
         self.encoders = nn.ModuleDict(encoders)
+        self.codecs = nn.ModuleDict(codecs or {})
         llm_dim = llm.get_input_embeddings().embedding_dim
+        if config.fusion.type == "D":
+            self._resolve_vocabulary(config.fusion.options, llm)
         self.fusion = build_fusion(config.fusion)
         widths = {m: self.fusion.connector_width(enc.hidden_size, llm_dim) for m, enc in encoders.items()}
         self.connectors = nn.ModuleDict({m: Connector(config.connectors[m], enc.hidden_size, widths[m])
@@ -63,7 +74,17 @@ class MultimodalLM(nn.Module):
             max_length=config.max_length,
             chat_template=config.chat_template,
             on_overflow=config.on_overflow,
+            label_media=self.fusion.labels_media,
         )
+
+    def _resolve_vocabulary(self, options: dict, llm) -> None:
+        """Type-D: record the LLM's text rows and each codec's codebooks in the fusion options (once,
+        so a saved model rebuilds the same id layout); a saved layout that disagrees with the codecs raises."""
+        options.setdefault("text_vocab_size", llm.get_input_embeddings().num_embeddings)
+        codebooks = {m: [codec.codebook_size, codec.num_codebooks] for m, codec in self.codecs.items()}
+        saved = options.setdefault("codebooks", codebooks)
+        if {m: list(v) for m, v in saved.items()} != codebooks:
+            raise ValueError(f"fusion.options.codebooks {saved} do not match the codecs' {codebooks}")
 
     # -- construction ---------------------------------------------------------------------------
     @classmethod
@@ -82,7 +103,15 @@ class MultimodalLM(nn.Module):
             )
             enc_cfg.hf_config = config_dict(model.config)
             encoders[modality] = MediaEncoder(enc_cfg, model)
-        return cls(config, llm, encoders, tokenizer, processors)
+        codecs = {}
+        for modality, codec_cfg in config.codecs.items():
+            if codec_cfg.name_or_path is None and codec_cfg.settings is None:
+                raise ValueError(f"codecs.{modality}: give either name_or_path or settings")
+            codecs[modality] = (mmfuse_codecs.load_codec(codec_cfg.name_or_path) if codec_cfg.name_or_path
+                                else mmfuse_codecs.build_codec(codec_cfg.settings))
+            codec_cfg.settings = codecs[modality].settings()
+            processors[modality] = MediaProcessor(modality, codecs[modality].processor(), pad_to_square=False)
+        return cls(config, llm, encoders, tokenizer, processors, codecs)
 
     @staticmethod
     def is_checkpoint(directory: str | Path) -> bool:
@@ -111,7 +140,11 @@ class MultimodalLM(nn.Module):
             hf_processor = load_media_processor(enc_cfg, model.config, directory=str(directory / "processors" / modality))
             processors[modality] = MediaProcessor(modality, hf_processor, pad_to_square=enc_cfg.pad_to_square, frames=enc_cfg.frames)
             encoders[modality] = MediaEncoder(enc_cfg, model)
-        model = cls(config, llm, encoders, tokenizer, processors)
+        codecs = {m: mmfuse_codecs.build_codec(c.settings) for m, c in config.codecs.items()}
+        for modality in codecs:
+            processors[modality] = MediaProcessor(modality, saved_processor(modality, str(directory / "processors" / modality)),
+                                                  pad_to_square=False)
+        model = cls(config, llm, encoders, tokenizer, processors, codecs)
         load_model(model, str(directory / WEIGHTS_NAME), strict=True)
         return model.eval()
 
@@ -127,11 +160,18 @@ class MultimodalLM(nn.Module):
         for modality, processor in self.media_processors.items():
             processor.hf_processor.save_pretrained(str(directory / "processors" / modality))
 
+    def train(self, mode: bool = True) -> "MultimodalLM":
+        """As ``nn.Module.train``, except that Type-D codecs stay in eval mode: they are frozen
+        tokenizers, and a VQ codebook in training mode would move with every batch it encodes."""
+        super().train(mode)
+        self.codecs.eval()
+        return self
+
     # -- components -------------------------------------------------------------------------------
     def parameter_groups(self) -> dict[str, list[tuple[str, nn.Parameter]]]:
         """Parameters by component: ``llm`` (``llm.embeddings``: the input embeddings, ``llm.head``: an
         untied output layer, ``llm.norms``: the normalisation layers, ``llm``: the rest),
-        ``encoders.<m>``, ``connectors.<m>``, ``fusion.<part>`` (the fusion module's children, e.g.
+        ``encoders.<m>``, ``connectors.<m>``, ``codecs.<m>``, ``fusion.<part>`` (the fusion module's children, e.g.
         ``fusion.blocks``, ``fusion.prompts``). A stage's ``train: [fusion]`` selects every ``fusion.*``."""
         embeddings = {id(p) for p in self.llm.get_input_embeddings().parameters()}
         head = {id(p) for p in (self.llm.get_output_embeddings() or nn.Identity()).parameters()} - embeddings
@@ -148,8 +188,8 @@ class MultimodalLM(nn.Module):
         return groups
 
     def added_token_ids(self) -> list[int]:
-        """Vocabulary ids of the tokens ``llm.add_tokens`` added."""
-        return self.tokenizer.convert_tokens_to_ids(list(self.config.llm.add_tokens))
+        """Vocabulary ids of the tokens ``llm.add_tokens`` added, and the fusion's (Type-D media codes)."""
+        return self.tokenizer.convert_tokens_to_ids(list(self.config.llm.add_tokens)) + list(self.fusion.added_vocabulary())
 
     def parameter_counts(self) -> dict[str, dict[str, int]]:
         """``{group: {"total": n, "trainable": n}}`` plus an ``all`` row."""
@@ -171,6 +211,8 @@ class MultimodalLM(nn.Module):
         Measured by running them once on zeros (cached per shape); RNG state is left untouched.
         """
         key = (modality, item_shape)
+        if modality in self.codecs:
+            return self.codecs[modality].num_frames(item_shape) * self.codecs[modality].num_codebooks
         if key not in self._token_counts:
             if modality not in self.encoders:
                 raise ValueError(f"the model has no {modality} encoder; it has {sorted(self.encoders)}")
@@ -191,9 +233,14 @@ class MultimodalLM(nn.Module):
 
     # -- forward ----------------------------------------------------------------------------------
     def encode_media(self, media: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """modality -> ``(items, tokens, d_llm)``; a frozen encoder runs without autograd."""
+        """modality -> ``(items, tokens, d_llm)``; a frozen encoder runs without autograd. A Type-D
+        modality -> its codes ``(items, frames, codebooks)``."""
         out = {}
         for modality, inputs in media.items():
+            if modality in self.codecs:
+                with torch.no_grad():
+                    out[modality] = self.codecs[modality].encode(inputs.to(next(self.codecs[modality].parameters()).dtype))
+                continue
             if modality not in self.encoders:
                 raise ValueError(f"batch has {modality} media but the model has no {modality} encoder")
             encoder = self.encoders[modality]
@@ -213,6 +260,8 @@ class MultimodalLM(nn.Module):
             inputs = self.llm_inputs(input_ids, media)
         except ValueError as err:
             raise ValueError(f"batch {ids or '?'}: {err}") from err
+        if labels is not None:
+            labels = self.fusion.labels(labels, inputs)
         output = self.llm(attention_mask=attention_mask, labels=labels, **inputs, **llm_kwargs)
         auxiliary = self.fusion.auxiliary_loss()
         if output.loss is not None and auxiliary is not None:
@@ -220,20 +269,65 @@ class MultimodalLM(nn.Module):
         return output
 
     @torch.no_grad()
-    def generate(self, input_ids, attention_mask=None, media=None, ids=None, labels=None, **generate_kwargs):
+    def generate(self, input_ids, attention_mask=None, media=None, ids=None, labels=None, outputs=("text",), **generate_kwargs):
         """New token ids ``(B, new)``. Media are encoded once; the LLM's KV cache does the rest.
 
         Takes the batch from ``collator(padding_side="left")``; ``generate_kwargs`` go to
         ``transformers`` ``generate`` (``max_new_tokens``, ``do_sample``, ``temperature``, ``top_p``,
-        ``streamer``, ``use_cache``...).
+        ``streamer``, ``use_cache``, ``guidance_scale``...). ``outputs``: what the reply may hold, of
+        ``fusion.output_modalities``. A Type-D model constrains decoding with :class:`MediaSpans`: media
+        tokens only where ``outputs`` allow them, inside a span only its codes, exactly the span's length,
+        then its end token; ``outputs=("image",)`` starts the reply with an image (its begin token is
+        appended to the prompt and returned with the new tokens).
         """
+        unknown = sorted(set(outputs) - set(self.fusion.output_modalities))
+        if unknown or not outputs:
+            raise ValueError(f"outputs {list(outputs)}: this model generates {list(self.fusion.output_modalities)}")
         generate_kwargs.setdefault("eos_token_id", self.processor.stop_token_ids)
         generate_kwargs.setdefault("pad_token_id", self.tokenizer.pad_token_id)
+        forced = None
+        if self.codecs:
+            eos = generate_kwargs["eos_token_id"]
+            spans = MediaSpans(self.fusion.vocabularies, {m: self.span_length(m) for m in self.codecs}, outputs,
+                               eos if isinstance(eos, list) else [eos])
+            generate_kwargs["logits_processor"] = [*generate_kwargs.get("logits_processor", []), spans]
+            if "text" not in outputs and len(outputs) == 1:  # the reply is one media item: open its span
+                forced = input_ids.new_full((input_ids.shape[0], 1), self.fusion.vocabularies[outputs[0]].begin)
         with self.fusion.generation_inputs(self.llm_inputs(input_ids, media)) as inputs:
-            return self.llm.generate(attention_mask=attention_mask, **inputs, **generate_kwargs)
+            if forced is not None:
+                inputs["input_ids"] = torch.cat([inputs["input_ids"], forced], dim=1)
+                attention_mask = None if attention_mask is None else torch.cat([attention_mask, torch.ones_like(forced)], dim=1)
+            tokens = self.llm.generate(attention_mask=attention_mask, **inputs, **generate_kwargs)
+        if "input_ids" in inputs:  # transformers returns the prompt too when it was given as ids
+            tokens = tokens[:, inputs["input_ids"].shape[1]:]
+        return tokens if forced is None else torch.cat([forced, tokens], dim=1)
+
+    def span_length(self, modality: str) -> int:
+        """Tokens between a generated item's begin and end tokens: one image at the processor's size,
+        one audio clip of ``fusion.options.generation_seconds``."""
+        processor = self.media_processors[modality]
+        if modality == "audio":
+            blank = np.zeros(round(self.fusion.generation_seconds * processor.sampling_rate), dtype=np.float32)
+        else:
+            blank = Image.new("RGB", (32, 32))  # the processor resizes it to its own size
+        return self.media_token_count(modality, tuple(processor(blank if modality != "video" else [blank] * processor.frames).shape))
+
+    def decode_output(self, tokens: torch.Tensor) -> list[tuple[str, list[tuple[str, torch.Tensor]]]]:
+        """Generated ids ``(B, new)`` -> per row ``(text, [(modality, media), ...])``: the text with a
+        marker (``<image>``) where each complete media span was, and each span decoded by its codec
+        (image ``(3, H, W)`` in [0, 1], audio ``(samples,)``). An unfinished span is dropped from both."""
+        out = []
+        for row in tokens:
+            pieces, media = split_media_spans(row, getattr(self.fusion, "vocabularies", {}))
+            text = "".join(self.tokenizer.decode(p, skip_special_tokens=True) if isinstance(p, torch.Tensor) else MARKERS[p[0]]
+                           for p in pieces)
+            decoded = [(m, self.codecs[m].decode(self.fusion.vocabularies[m].codes(ids))[0]) for m, ids in media]
+            out.append((text.strip(), decoded))
+        return out
 
     def answer(self, samples: list[Sample], **generate_kwargs) -> list[str]:
-        """Generate the assistant's reply for each sample (its final assistant turn, if any, is dropped)."""
+        """Generate the assistant's reply for each sample (its final assistant turn, if any, is dropped);
+        a Type-D model's generated media show as markers (see :meth:`decode_output`)."""
         batch = self.collator("left")([self.processor(s, for_generation=True) for s in samples])
         device = next(self.parameters()).device
         tokens = self.generate(
@@ -242,4 +336,4 @@ class MultimodalLM(nn.Module):
             {m: t.to(device) for m, t in batch["media"].items()},
             **generate_kwargs,
         )
-        return [t.strip() for t in self.tokenizer.batch_decode(tokens, skip_special_tokens=True)]
+        return [text for text, _ in self.decode_output(tokens)]

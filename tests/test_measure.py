@@ -80,7 +80,9 @@ def test_trainable_parameters_is_the_union_over_stages(tokenizer_dir):
     model = MultimodalLM.from_config(config)
     rows = dataclasses.replace(CONNECTOR_ONLY, train_added_tokens=True)
     width = model.llm.get_input_embeddings().embedding_dim
-    assert trainable_parameters(model, [rows]) == counts["params_connectors"] + width  # one added row, not the table
+    # one added row, not the table, in the embedding and in the untied LM head
+    assert model.llm.get_output_embeddings().weight is not model.llm.get_input_embeddings().weight
+    assert trainable_parameters(model, [rows]) == counts["params_connectors"] + 2 * width
 
 
 def test_budget_is_shared_over_stages_in_the_recipes_proportions():

@@ -88,17 +88,18 @@ def load_media_processor(cfg: EncoderConfig, model_config: PretrainedConfig, dir
     the encoder's own directory; else a default derived from the encoder's config.
     """
     if directory is not None:
-        return _auto_processor(cfg.modality, directory)
+        return saved_processor(cfg.modality, directory)
     if cfg.processor is not None:
         spec = dict(cfg.processor)
         cls = getattr(transformers, spec.pop("type"))
         return cls(**spec)
     if cfg.name_or_path is not None:
-        return _auto_processor(cfg.modality, resolve_path(cfg.name_or_path))
+        return saved_processor(cfg.modality, resolve_path(cfg.name_or_path))
     return default_processor(cfg.modality, model_config)
 
 
-def _auto_processor(modality: str, path: str):
+def saved_processor(modality: str, path: str):
+    """The image processor (image, video) or feature extractor (audio) saved in ``path``."""
     if modality == "audio":
         return transformers.AutoFeatureExtractor.from_pretrained(path)
     return transformers.AutoImageProcessor.from_pretrained(path)

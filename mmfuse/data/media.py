@@ -103,6 +103,20 @@ def load_video(item: Any, frames: int, sample_id: str = "?", index: int = 0) -> 
     return [all_frames[i] for i in picks]
 
 
+def save_media(modality: str, item: torch.Tensor, path: str | Path, sampling_rate: int = AUDIO_RATE_DEFAULT) -> None:
+    """Write a decoded item: an image ``(3, H, W)`` in [0, 1] as PNG, audio ``(samples,)`` in [-1, 1] as
+    16-bit WAV at ``sampling_rate``."""
+    import soundfile
+
+    if modality == "audio":
+        soundfile.write(str(path), item.detach().float().clamp(-1, 1).cpu().numpy(), sampling_rate, subtype="PCM_16")
+    elif modality == "image":
+        pixels = (item.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+        Image.fromarray(pixels).save(path, format="PNG")
+    else:
+        raise ValueError(f"cannot save generated {modality!r}: only image and audio are written")
+
+
 class MediaProcessor:
     """Turns one modality's raw items into the encoder's input tensor.
 

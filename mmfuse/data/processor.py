@@ -48,7 +48,8 @@ class Processor:
     ``count_tokens(modality, item_shape)`` returns how many vectors the connector yields for one item
     of that input shape; ``layout(modality, n)`` returns the ids standing for it.
     ``on_overflow``: "error" raises :class:`SampleTooLong`; "skip" returns ``None`` and records the id in
-    ``self.skipped``.
+    ``self.skipped``. ``label_media``: media inside a learned span keep their layout ids as labels
+    (Type-D learns to generate them; the strategy turns placeholder labels into codes).
     """
 
     def __init__(
@@ -61,6 +62,7 @@ class Processor:
         max_length: int = 512,
         chat_template: str | None = None,
         on_overflow: str = "error",
+        label_media: bool = False,
     ):
         self.tokenizer = tokenizer
         self.media_processors = media_processors
@@ -69,6 +71,7 @@ class Processor:
         self.max_length = max_length
         self.chat_template = chat_template or tokenizer.chat_template or PLAIN_TEMPLATE
         self.on_overflow = on_overflow
+        self.label_media = label_media
         self.skipped: list[str] = []
         self.stop_token_ids = self._stop_token_ids()
 
@@ -165,7 +168,8 @@ class Processor:
             next_item[modality] += 1
             ids = self.layout(modality, self.count_tokens(modality, tuple(item.shape)))
             input_ids += ids
-            labels += [IGNORE_INDEX] * len(ids)
+            learned = self.label_media and any(s <= piece_start and piece_end <= e for s, e in spans)
+            labels += ids if learned else [IGNORE_INDEX] * len(ids)
 
         if not for_generation and all(label == IGNORE_INDEX for label in labels):
             what = "no text follows its media" if sample.is_document else "the assistant turns produced no tokens"

@@ -9,8 +9,9 @@ from .embedding import PLACEHOLDER_IDS, EmbeddingFusion
 from .expert import ModalityAdaptiveFusion, RoutedExpertFusion
 from .markers import MARKER_IDS
 from .moe import MoEFusion
+from .tokens import TokenFusion
 
-STRATEGIES = {"A": CrossAttentionFusion, "C": EmbeddingFusion}
+STRATEGIES = {"A": CrossAttentionFusion, "C": EmbeddingFusion, "D": TokenFusion}
 TYPE_B_MECHANISMS = {"adapter_prompts": AdapterPromptFusion, "visual_expert": RoutedExpertFusion,
                      "modality_adaptive": ModalityAdaptiveFusion, "moe": MoEFusion,
                      "adapter_mixture": AdapterMixtureFusion}
@@ -30,5 +31,5 @@ def build_fusion(cfg: FusionConfig) -> FusionStrategy:
 
 
 __all__ = ["MARKER_IDS", "PLACEHOLDER_IDS", "STRATEGIES", "TYPE_B_MECHANISMS", "AdapterMixtureFusion", "AdapterPromptFusion", "CrossAttentionFusion",
-           "EmbeddingFusion", "FusionStrategy", "ModalityAdaptiveFusion", "MoEFusion", "RoutedExpertFusion",
+           "EmbeddingFusion", "FusionStrategy", "ModalityAdaptiveFusion", "MoEFusion", "RoutedExpertFusion", "TokenFusion",
            "build_fusion"]

@@ -19,6 +19,7 @@ from torch import nn
 class FusionStrategy(nn.Module):
     survey_type: str = ""
     output_modalities: tuple[str, ...] = ("text",)  # what the model can generate
+    labels_media: bool = False  # whether the processor labels media positions inside learned spans (Type-D)
     # the llm_inputs key that Hugging Face ``generate`` rejects (it takes no unknown keywords): held in
     # ``_generation_context`` for the duration of the call instead, where the strategy's hooks read it
     context_key: str | None = None
@@ -53,6 +54,14 @@ class FusionStrategy(nn.Module):
         :attr:`context_key` (so the LLM's own modules never see it), else the one held for ``generate``."""
         context = kwargs.pop(self.context_key, None)
         return context if context is not None else self._generation_context
+
+    def labels(self, labels: torch.Tensor, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The LM labels for ``inputs`` (Type-D fills in the media codes it learns); unchanged here."""
+        return labels
+
+    def added_vocabulary(self) -> range:
+        """Vocabulary ids the strategy added to the LLM (Type-D's media codes); none here."""
+        return range(0)
 
     def auxiliary_loss(self) -> torch.Tensor | None:
         """A loss term of the last forward that the model adds to the LM loss (an MoE router's balance

@@ -60,8 +60,8 @@ class StageConfig(JsonConfig):
 
     def __post_init__(self):
         where = f"stage {self.name!r}"
-        if not self.train and not self.lora:
-            raise ValueError(f"{where}: nothing to train; list parameter groups in 'train' or 'lora'")
+        if not self.train and not self.lora and not self.train_added_tokens:
+            raise ValueError(f"{where}: nothing to train; list parameter groups in 'train' or 'lora', or set train_added_tokens")
         unsupported = sorted(set(self.lora) - set(LORA_GROUPS))
         if unsupported:
             raise ValueError(f"{where}: LoRA is supported on {list(LORA_GROUPS)} only, got {unsupported}")

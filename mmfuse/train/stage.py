@@ -40,28 +40,35 @@ def group_parameters(model: nn.Module, entries: list[str]) -> list[tuple[str, nn
     return [(n, p) for n, p in model.named_parameters() if id(p) in wanted]
 
 
-# model -> the gradient hook that restricts its input embedding to the added rows (one stage at a time)
-_ROW_HOOKS: "weakref.WeakKeyDictionary[nn.Module, torch.utils.hooks.RemovableHandle]" = weakref.WeakKeyDictionary()
+# model -> the gradient hooks that restrict its vocabulary tables to the added rows (one stage at a time)
+_ROW_HOOKS: "weakref.WeakKeyDictionary[nn.Module, list[torch.utils.hooks.RemovableHandle]]" = weakref.WeakKeyDictionary()
 
 
-def added_token_rows(model: nn.Module, stage: StageConfig) -> nn.Parameter | None:
-    """For ``stage.train_added_tokens``: the input embedding, with a gradient hook that keeps only the
-    rows of the added tokens (a previous stage's hook is removed first). None otherwise."""
-    previous = _ROW_HOOKS.pop(model, None)
-    if previous is not None:
-        previous.remove()
+def vocabulary_tables(model: nn.Module) -> list[nn.Parameter]:
+    """The LLM's input embedding weight and, when it is not tied to it, the LM head's weight."""
+    embedding = model.llm.get_input_embeddings().weight
+    head = getattr(model.llm.get_output_embeddings(), "weight", None)
+    return [embedding] + ([head] if head is not None and head is not embedding else [])
+
+
+def added_token_rows(model: nn.Module, stage: StageConfig) -> list[nn.Parameter]:
+    """For ``stage.train_added_tokens``: the vocabulary tables (:func:`vocabulary_tables`), with gradient
+    hooks that keep only the rows of the added tokens (a previous stage's hooks are removed first).
+    Empty otherwise."""
+    for hook in _ROW_HOOKS.pop(model, []):
+        hook.remove()
     if not stage.train_added_tokens:
-        return None
+        return []
     ids = model.added_token_ids()
     if not ids:
-        raise ValueError(f"stage {stage.name!r}: train_added_tokens needs tokens in llm.add_tokens")
-    if "llm.embeddings" in resolve_groups(model, stage.train):
-        raise ValueError(f"stage {stage.name!r}: train_added_tokens and llm.embeddings both listed; pick one")
-    weight = model.llm.get_input_embeddings().weight
-    rows = torch.zeros(weight.shape[0], 1, dtype=weight.dtype, device=weight.device)
+        raise ValueError(f"stage {stage.name!r}: train_added_tokens needs added tokens (llm.add_tokens, or Type-D media codes)")
+    if {"llm.embeddings", "llm.head"} & set(resolve_groups(model, stage.train)):
+        raise ValueError(f"stage {stage.name!r}: train_added_tokens and llm.embeddings / llm.head both listed; pick one")
+    tables = vocabulary_tables(model)
+    rows = torch.zeros(tables[0].shape[0], 1, dtype=tables[0].dtype, device=tables[0].device)
     rows[ids] = 1
-    _ROW_HOOKS[model] = weight.register_hook(lambda grad: grad * rows.to(grad.dtype))
-    return weight
+    _ROW_HOOKS[model] = [table.register_hook(lambda grad: grad * rows.to(grad.dtype)) for table in tables]
+    return tables
 
 
 def apply_stage(model: nn.Module, stage: StageConfig) -> list[nn.Parameter]:
@@ -79,7 +86,7 @@ def apply_stage(model: nn.Module, stage: StageConfig) -> list[nn.Parameter]:
             raise ValueError(f"stage {stage.name!r}: model.{group} still carries LoRA adapters; merge_lora(model.{group}) first")
     lora = lora_parameters(model)
     rows = added_token_rows(model, stage)
-    trainable = {id(p) for _, p in group_parameters(model, stage.train) + lora} | ({id(rows)} if rows is not None else set())
+    trainable = {id(p) for _, p in group_parameters(model, stage.train) + lora} | {id(table) for table in rows}
     for p in model.parameters():
         p.requires_grad_(id(p) in trainable)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -91,13 +98,14 @@ def apply_stage(model: nn.Module, stage: StageConfig) -> list[nn.Parameter]:
 def optimizer_groups(model: nn.Module, params: list[nn.Parameter], stage: StageConfig) -> list[dict]:
     """AdamW parameter groups: ``params`` at ``stage.lr``, except those whose name matches a
     ``stage.lr_scale`` pattern, at ``lr * scale`` (one group per pattern, in the patterns' order), and
-    the row-restricted embedding of ``train_added_tokens``, last, without weight decay."""
+    the row-restricted vocabulary tables of ``train_added_tokens``, last, without weight decay (it would
+    shrink the frozen rows)."""
     name_of = {id(p): n for n, p in model.named_parameters()}
     patterns = list(stage.lr_scale)
     members: dict[str | None, list[nn.Parameter]] = {None: [], **{pattern: [] for pattern in patterns}}
-    rows = model.llm.get_input_embeddings().weight if stage.train_added_tokens else None
+    rows = {id(table) for table in vocabulary_tables(model)} if stage.train_added_tokens else set()
     for param in params:
-        if param is rows:
+        if id(param) in rows:
             continue
         match = next((pattern for pattern in patterns if fnmatch.fnmatchcase(name_of[id(param)], pattern)), None)
         members[match].append(param)
@@ -106,4 +114,5 @@ def optimizer_groups(model: nn.Module, params: list[nn.Parameter], stage: StageC
         raise ValueError(f"stage {stage.name!r}: lr_scale pattern(s) {unmatched} match no parameter this stage trains")
     groups = [{"params": members[None], "lr": stage.lr}] if members[None] else []
     groups += [{"params": members[p], "lr": stage.lr * stage.lr_scale[p]} for p in patterns]
-    return groups + ([{"params": [rows], "lr": stage.lr, "weight_decay": 0.0}] if rows is not None else [])
+    tables = [p for p in params if id(p) in rows]
+    return groups + ([{"params": tables, "lr": stage.lr, "weight_decay": 0.0}] if tables else [])

@@ -274,15 +274,15 @@ class Trainer:
 
     def _changed_parameters(self, pos: Position) -> list[tuple[str, nn.Parameter]]:
         """Parameters that differ from the model as built: groups trained by the stages so far, LLM
-        weights a finished LoRA stage merged into, LoRA adapters in progress, and the input embedding
-        when a stage trained its added rows."""
+        weights a finished LoRA stage merged into, LoRA adapters in progress, and the vocabulary tables
+        (input embedding, untied LM head) when a stage trained their added rows."""
         stages = self.config.stages
         done = stages[: pos.stage_index + 1]
         entries = [e for s in done[:-1] for e in s.train + s.lora]
         current = stages[pos.stage_index]
         entries += current.train + (current.lora if pos.stage_done else [])
         if any(s.train_added_tokens for s in done):
-            entries.append("llm.embeddings")
+            entries += [g for g in ("llm.embeddings", "llm.head") if g in self.model.parameter_groups()]
         return group_parameters(self.model, entries) + lora_parameters(self.model)
 
     def _save(

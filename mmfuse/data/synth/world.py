@@ -27,7 +27,9 @@ SPLITS = ("train", "val", "test", "heldout")
 TASKS = (
     "image_caption", "image_qa", "audio_caption", "audio_qa", "video_caption", "video_qa",
     "interleaved", "documents", "digits_qa", "digits_caption", "image_audio_qa", "text",
+    "image_generation", "audio_generation",
 )
+GENERATION_PROMPT = {"image": "Draw the image: ", "audio": "Make the sound: "}
 VIDEO_FRAMES = 8
 DIGITS_TOTAL = 1797
 
@@ -62,6 +64,7 @@ class WorldSizes(JsonConfig):
     sounds: SplitSizes = field(default_factory=lambda: SplitSizes(3000, 200, 500, 300))
     videos: SplitSizes = field(default_factory=lambda: SplitSizes(600, 50, 200, 100))
     documents: SplitSizes = field(default_factory=lambda: SplitSizes(300, 30, 100, 50))
+    generations: SplitSizes = field(default_factory=lambda: SplitSizes(2000, 100, 200, 100))
     text: SplitSizes = field(default_factory=lambda: SplitSizes(5000, 200, 500, 0))
     digits: int = DIGITS_TOTAL
 
@@ -70,7 +73,7 @@ class WorldSizes(JsonConfig):
             raise ValueError(f"sizes.text.heldout must be 0 (text has no held-out combinations), got {self.text.heldout}")
         if not 0 <= self.digits <= DIGITS_TOTAL:
             raise ValueError(f"sizes.digits must be 0..{DIGITS_TOTAL}, got {self.digits}")
-        for name in ("images", "sounds", "videos", "documents", "text"):
+        for name in ("images", "sounds", "videos", "documents", "generations", "text"):
             sizes = getattr(self, name)
             if min(sizes[s] for s in SPLITS) < 0:
                 raise ValueError(f"sizes.{name} has a negative split size: {sizes}")
@@ -80,7 +83,7 @@ class WorldSizes(JsonConfig):
         """About a sixth of the default world (``mmfuse compare --quick``)."""
         return cls(
             images=SplitSizes(500, 100, 100, 60), sounds=SplitSizes(500, 100, 100, 60), videos=SplitSizes(40, 10, 10, 10),
-            documents=SplitSizes(20, 5, 5, 5), text=SplitSizes(400, 50, 100, 0), digits=300,
+            documents=SplitSizes(20, 5, 5, 5), generations=SplitSizes(400, 50, 100, 50), text=SplitSizes(400, 50, 100, 0), digits=300,
         )
 
     @classmethod
@@ -88,7 +91,7 @@ class WorldSizes(JsonConfig):
         """A few items per split, for tests."""
         return cls(
             images=SplitSizes(12, 3, 4, 4), sounds=SplitSizes(12, 3, 4, 4), videos=SplitSizes(4, 2, 2, 2),
-            documents=SplitSizes(3, 2, 2, 2), text=SplitSizes(20, 5, 5, 0), digits=40,
+            documents=SplitSizes(3, 2, 2, 2), generations=SplitSizes(4, 2, 2, 2), text=SplitSizes(20, 5, 5, 0), digits=40,
         )
 
 
@@ -132,7 +135,7 @@ class _Writer:
         self.done = 0
         self.total = (
             sizes.images.total + sizes.sounds.total + sizes.videos.total + sizes.documents.total
-            + sizes.digits + len(TASKS) * len(SPLITS)
+            + 2 * sizes.generations.total + sizes.digits + len(TASKS) * len(SPLITS)
         )
 
     def tick(self, description: str) -> None:
@@ -270,6 +273,34 @@ class _Writer:
         self.write_task("interleaved", split, records)
         self.write_task("documents", split, plain)
 
+    def generation_tasks(self, split: str) -> None:
+        """``image_generation`` / ``audio_generation``: a one-object scene or one-event clip drawn from
+        its caption; ``meta.target`` holds the attributes a judge checks in what a model generates."""
+        scene_rng, clip_rng = _rng(self.seed, "image_generation", split), _rng(self.seed, "audio_generation", split)
+        images, clips = [], []
+        for i in range(self.sizes.generations[split]):
+            if split == "heldout":
+                scene = heldout.sample_heldout(lambda r: scenes.sample_scene(r, 1), heldout.scene_is_heldout, scene_rng)
+                clip = heldout.sample_heldout(lambda r: sounds.sample_clip(r, 1), heldout.clip_is_heldout, clip_rng)
+            else:
+                scene = scenes.sample_scene(scene_rng, 1, allowed=heldout.shape_allowed)
+                clip = sounds.sample_clip(clip_rng, 1, allowed=heldout.event_allowed)
+            gid = f"{split}-{i:05d}"
+            image = self.save_media("images", f"draw-{gid}.png", scenes.render_scene(scene).save)
+            self.tick("rendering images to draw")
+            wave = sounds.synthesize(clip, rng=clip_rng)
+            audio = self.save_media("audio", f"make-{gid}.wav", lambda p: sounds.write_wav(p, wave, sounds.SAMPLE_RATE))
+            self.tick("synthesising sounds to make")
+            shape, event = scene.shapes[0], clip.events[0]
+            images.append(_record(f"draw-{gid}", {"image": [image]}, GENERATION_PROMPT["image"] + scenes.caption(scene), MARKERS["image"], {
+                "task": "image_generation", "split": split, "kind": "generation", "captions": {"image": [scenes.caption(scene)]},
+                "target": {"colour": shape.colour, "shape": shape.shape, "size": shape.size, "cell": scenes.CELL_NAMES[shape.cell]}}))
+            clips.append(_record(f"make-{gid}", {"audio": [audio]}, GENERATION_PROMPT["audio"] + sounds.caption(clip), MARKERS["audio"], {
+                "task": "audio_generation", "split": split, "kind": "generation", "captions": {"audio": [sounds.caption(clip)]},
+                "target": {"kind": event.kind, "pitch": event.pitch, "duration": event.duration}}))
+        self.write_task("image_generation", split, images)
+        self.write_task("audio_generation", split, clips)
+
     def text_task(self, split: str) -> None:
         n = self.sizes.text[split]
         if n:
@@ -318,6 +349,7 @@ def write_world(out_dir: Path, *, seed: int = 0, sizes: WorldSizes | None = None
         writer.media_tasks("image", "digits", split, digit_items[split])
         writer.image_audio_task(split, images, clips)
         writer.interleaved_task(split)
+        writer.generation_tasks(split)
         writer.text_task(split)
     manifest = {
         "seed": seed,

@@ -1,0 +1,40 @@
+"""The modality-tokenizer interface of Type-D fusion: media to discrete codes and back.
+
+A codec turns one modality's processed items into integer codes ``(items, frames, codebooks)`` and
+decodes codes back to media: images ``(items, 3, H, W)`` in ``[0, 1]``, audio ``(items, samples)`` in
+``[-1, 1]``. ``frames`` is the number of code positions per item (image: latent cells in raster order;
+audio: time frames); multi-codebook (residual) codes are flattened frame-major by the fusion strategy.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class MediaCodec(nn.Module):
+    modality: str = "image"
+    codebook_size: int = 0  # codes per codebook
+    num_codebooks: int = 1  # residual depth (1 for a single codebook)
+    can_decode: bool = True  # False for encode-only codecs (transformers' ChameleonVQVAE has no decoder)
+
+    def settings(self) -> dict:
+        """JSON-able ``{"kind": ..., **arguments}`` that rebuilds this codec's architecture (no weights)."""
+        raise NotImplementedError
+
+    def processor(self):
+        """The transformers image processor / feature extractor that makes :meth:`encode`'s input from
+        raw media (``mmfuse.data.media.MediaProcessor`` wraps it)."""
+        raise NotImplementedError
+
+    def num_frames(self, item_shape: tuple[int, ...]) -> int:
+        """Code positions per item of processed input shape ``item_shape``."""
+        raise NotImplementedError
+
+    def encode(self, inputs: torch.Tensor) -> torch.Tensor:
+        """Processed items ``(items, ...)`` -> codes ``(items, frames, num_codebooks)`` (long)."""
+        raise NotImplementedError
+
+    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+        """Codes ``(items, frames, num_codebooks)`` -> media (see the module docstring)."""
+        raise NotImplementedError

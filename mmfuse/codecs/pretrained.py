@@ -1,0 +1,2 @@
+PRETRAINED_BY_MODEL_TYPE = {}
+ChameleonCodec = DacCodec = EncodecCodec = MimiCodec = None

@@ -1,0 +1,1 @@
+SemanticAudioCodec = pretrain_semantic_audio = None

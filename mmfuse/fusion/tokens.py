@@ -1,0 +1,187 @@
+"""Type-D, tokenized early fusion (Chameleon, AudioPaLM, AnyGPT): a codec turns each media item into
+discrete codes, which become tokens of an extended vocabulary, so the LLM reads and writes media as it
+reads and writes text.
+
+The vocabulary is extended at the id level (no added strings): after the LLM's ``text_vocab_size``
+rows come, per modality, a begin and an end token and ``codebook_size * num_codebooks`` code rows.
+Multi-codebook (residual) codes are flattened frame-major with one id range per codebook (AnyGPT's
+``code + codebook_size * layer``). One media item is laid out as ``<boi> code ... code <eoi>``.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from ..config import MODALITIES
+from .base import FusionStrategy
+from .embedding import PLACEHOLDER_IDS
+from .layers import attention_heads, attention_module, decoder_layers
+
+INITIALISATIONS = ("mean", "random")
+LOSSES = ("all", "text")
+
+
+@dataclass(frozen=True)
+class ModalityVocabulary:
+    """The id range of one modality: ``begin``, ``end``, then ``num_codebooks`` ranges of codes."""
+
+    modality: str
+    begin: int
+    codebook_size: int
+    num_codebooks: int
+
+    @property
+    def end(self) -> int:
+        return self.begin + 1
+
+    @property
+    def first_code(self) -> int:
+        return self.begin + 2
+
+    @property
+    def size(self) -> int:
+        return 2 + self.codebook_size * self.num_codebooks
+
+    def code_ids(self, codes: torch.Tensor) -> torch.Tensor:
+        """Codes ``(items, frames, num_codebooks)`` -> ids ``(items, frames * num_codebooks)``, frame-major."""
+        if codes.shape[-1] != self.num_codebooks:
+            raise ValueError(f"{self.modality}: codes have {codes.shape[-1]} codebooks, the vocabulary {self.num_codebooks}")
+        offsets = self.first_code + self.codebook_size * torch.arange(self.num_codebooks, device=codes.device)
+        return (codes + offsets).flatten(1)
+
+    def codes(self, ids: torch.Tensor) -> torch.Tensor:
+        """Ids ``(frames * num_codebooks,)`` of one span -> codes ``(1, frames, num_codebooks)``;
+        ValueError when an id is not this modality's code of the codebook its position needs."""
+        relative = (ids - self.first_code).view(-1, self.num_codebooks)
+        codebook = torch.arange(self.num_codebooks, device=ids.device)
+        codes = relative - codebook * self.codebook_size
+        if ((codes < 0) | (codes >= self.codebook_size)).any():
+            raise ValueError(f"{self.modality}: the span holds ids that are not codes of the codebook their position needs")
+        return codes.unsqueeze(0)
+
+    def allowed(self, position: int) -> tuple[int, int]:
+        """The id range ``[lo, hi)`` allowed at ``position`` (0-based) inside a span."""
+        lo = self.first_code + (position % self.num_codebooks) * self.codebook_size
+        return lo, lo + self.codebook_size
+
+
+def vocabularies(text_vocab_size: int, codebooks: dict[str, list[int]]) -> dict[str, ModalityVocabulary]:
+    """modality -> its id range, modalities in :data:`MODALITIES` order after the text rows.
+    ``codebooks``: modality -> ``[codebook_size, num_codebooks]``."""
+    out, start = {}, text_vocab_size
+    for modality in [m for m in MODALITIES if m in codebooks]:
+        size, depth = codebooks[modality]
+        out[modality] = ModalityVocabulary(modality, start, int(size), int(depth))
+        start += out[modality].size
+    return out
+
+
+class QKNorm(nn.Module):
+    """Chameleon's ``qk_normalization``: LayerNorm over each head's query (or key) vector, with a
+    weight and bias per head, applied to the projection's output ``(B, L, heads * head_dim)``."""
+
+    def __init__(self, heads: int, head_dim: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(heads, head_dim))
+        self.bias = nn.Parameter(torch.zeros(heads, head_dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x = x.view(*shape[:-1], *self.weight.shape)
+        return (F.layer_norm(x, self.weight.shape[-1:]) * self.weight + self.bias).view(shape)
+
+
+class TokenFusion(FusionStrategy):
+    """Options: ``loss`` "all" (media codes are learned wherever the text around them is, so the model
+    can generate media) or "text" (codes are read, never learned); ``init`` of the new rows: "mean"
+    (transformers' mean resizing: drawn around the text rows' mean with their covariance) or "random"
+    (the LLM's initializer); ``qk_norm`` (Chameleon: LayerNorm on queries and keys per head; it changes
+    the LLM's function, so it is for training from scratch); ``generation_seconds``: the length of an
+    audio item the model generates. ``text_vocab_size`` and ``codebooks`` are filled in by the model from
+    the LLM and the codecs."""
+
+    survey_type = "D"
+
+    def __init__(self, text_vocab_size: int, codebooks: dict[str, list[int]], loss: str = "all", init: str = "mean",
+                 qk_norm: bool = False, generation_seconds: float = 2.0):
+        super().__init__()
+        if loss not in LOSSES:
+            raise ValueError(f"fusion.options.loss must be one of {LOSSES}, got {loss!r}")
+        if init not in INITIALISATIONS:
+            raise ValueError(f"fusion.options.init must be one of {INITIALISATIONS}, got {init!r}")
+        self.text_vocab_size = text_vocab_size
+        self.vocabularies = vocabularies(text_vocab_size, codebooks)
+        self.output_modalities = ("text", *self.vocabularies)
+        self.loss = loss
+        self.init = init
+        self.qk_norm = qk_norm
+        self.generation_seconds = generation_seconds
+        self.qk_norms = nn.ModuleList()
+
+    @property
+    def vocab_size(self) -> int:
+        """Rows of the extended vocabulary."""
+        return self.text_vocab_size + sum(v.size for v in self.vocabularies.values())
+
+    @property
+    def labels_media(self) -> bool:
+        return self.loss == "all"
+
+    def added_vocabulary(self) -> range:
+        return range(self.text_vocab_size, self.vocab_size)
+
+    def layout(self, modality: str, num_tokens: int) -> list[int]:
+        vocab = self.vocabularies[modality]
+        return [vocab.begin, *[PLACEHOLDER_IDS[modality]] * num_tokens, vocab.end]
+
+    def attach(self, llm: nn.Module, media_dims: dict[str, int]) -> None:
+        """Grow the embedding and LM head (tied when the LLM ties them) to :attr:`vocab_size` rows;
+        a model saved extended is left as it is. Adds the qk-norms when asked."""
+        rows = llm.get_input_embeddings().num_embeddings
+        if rows == self.text_vocab_size:
+            llm.resize_token_embeddings(self.vocab_size, mean_resizing=self.init == "mean")
+        elif rows != self.vocab_size:
+            raise ValueError(f"the LLM has {rows} embedding rows; Type-D fusion expects {self.text_vocab_size} "
+                             f"(text) or {self.vocab_size} (text + media codes)")
+        if self.qk_norm:
+            heads = attention_heads(llm)
+            for layer in decoder_layers(llm):
+                attention = attention_module(layer)
+                kv_heads = attention.k_proj.out_features // attention.head_dim
+                for projection, n in ((attention.q_proj, heads), (attention.k_proj, kv_heads)):
+                    # a partial of a bound method, not a closure: a deep copy of the model rebinds it to the copy
+                    projection.register_forward_hook(functools.partial(self._normalise, len(self.qk_norms)))
+                    self.qk_norms.append(QKNorm(n, attention.head_dim))
+
+    def _normalise(self, index: int, module: nn.Module, args, output: torch.Tensor) -> torch.Tensor:
+        """Forward hook on a query or key projection: its output through qk-norm ``index``."""
+        return self.qk_norms[index](output)
+
+    def media_ids(self, input_ids: torch.Tensor, media: dict[str, torch.Tensor]) -> torch.Tensor:
+        """``input_ids`` with each modality's codes ``(items, frames, codebooks)`` written, as vocabulary
+        ids and in order, at its placeholder positions; ValueError when the counts differ."""
+        for modality, vocab in self.vocabularies.items():
+            mask = input_ids == PLACEHOLDER_IDS[modality]
+            codes = media.get(modality)
+            ids = vocab.code_ids(codes).flatten() if codes is not None else input_ids.new_zeros(0)
+            n_positions = int(mask.sum())
+            if n_positions != ids.numel():
+                raise ValueError(f"{modality}: the batch has {n_positions} code positions but the codec produced "
+                                 f"{ids.numel()} codes; the processor's layout and the media do not match")
+            if n_positions:
+                input_ids = input_ids.masked_scatter(mask, ids.to(input_ids.dtype))
+        return input_ids
+
+    def llm_inputs(self, llm, input_ids, media):
+        """-> ``{"input_ids": (B, L)}``: the LLM reads the codes through its (extended) embedding table."""
+        return {"input_ids": self.media_ids(input_ids, media)}
+
+    def labels(self, labels: torch.Tensor, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Labels with the placeholder positions the processor labelled set to the codes read there."""
+        placeholders = torch.isin(labels, torch.tensor(list(PLACEHOLDER_IDS.values()), device=labels.device))
+        return torch.where(placeholders, inputs["input_ids"], labels)
