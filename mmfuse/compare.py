@@ -35,14 +35,14 @@ from .data.dataset import ProcessedDataset
 from .data.formats import load_samples, resolve_dataset
 from .eval.adapter import EvalAdapter
 from .eval.tasks import evaluate_task
-from .measure import WORLD_ENCODERS, adds_modality, media_token_cost, parameter_summary, train_flops_per_sample, trainable_parameters
+from .measure import WORLD_CODECS, WORLD_ENCODERS, adds_modality, media_token_cost, parameter_summary, train_flops_per_sample, trainable_parameters
 from .model import MultimodalLM
 from .recipe import Recipe, list_recipes, load_recipe
 from .report import write_markdown, write_plots
 from .train import Trainer
 
-# one recipe per fusion type that exists, plus the Type-C connector variants
-DEFAULT_RECIPES = ("openflamingo", "llama-adapter", "cogvlm", "llava", "llava-1.5", "blip2", "qwen-audio")
+# one recipe per fusion type (and Type-B mechanism), plus the Type-C connector variants
+DEFAULT_RECIPES = ("openflamingo", "llama-adapter", "cogvlm", "llava", "llava-1.5", "blip2", "qwen-audio", "chameleon")
 RECORD_FILE = "record.json"
 FLOP_BATCH = 4  # samples per FLOP measurement
 
@@ -89,8 +89,10 @@ def budget_stages(recipe: Recipe, budget: int) -> Recipe:
     return dataclasses.replace(recipe, train=dataclasses.replace(recipe.train, stages=stages))
 
 
-def eval_tasks(modalities: list[str], settings: CompareSettings) -> list[dict[str, Any]]:
-    """The tasks each recipe is scored on, for the modalities its model reads."""
+def eval_tasks(modalities: list[str], settings: CompareSettings, generates: tuple[str, ...] = ("text",),
+               retrieval: bool = True) -> list[dict[str, Any]]:
+    """The tasks each recipe is scored on, for the modalities its model reads and the media it
+    ``generates`` (Type-D: ``<m>_generation``); ``retrieval`` few-shot needs an encoder to embed with."""
     tasks = []
     for m in modalities:
         tasks += [
@@ -100,9 +102,10 @@ def eval_tasks(modalities: list[str], settings: CompareSettings) -> list[dict[st
         ]
         if m == "image":
             tasks.append({"task": "digits_qa", "split": "test"})
-        if settings.fewshot:
+        if settings.fewshot and retrieval:
             tasks.append({"task": f"{m}_qa", "split": "test", "shots": settings.fewshot, "shot_selection": "retrieval",
                           "limit": settings.fewshot_limit})
+    tasks += [{"task": f"{m}_generation", "split": "test"} for m in generates if m != "text"]
     return tasks
 
 
@@ -122,7 +125,7 @@ def run_recipe(job: Job, log: Callable[[str], None] = print) -> dict[str, Any]:
     torch.manual_seed(settings.seed)
     model = MultimodalLM.from_config(recipe.model)
     adapter = EvalAdapter(model)
-    modalities = list(recipe.model.encoders)
+    modalities = [*recipe.model.encoders, *recipe.model.codecs]
     corpus = (data / "text_corpus_test.txt").read_text().splitlines()[: settings.ppl_lines]
     train_sets = {name: load_samples(resolve_dataset(data, name, "train")) for s in stages for name in s.data}
     record: dict[str, Any] = {"recipe": recipe.name, "survey_type": recipe.survey_type, "modalities": modalities}
@@ -132,7 +135,8 @@ def run_recipe(job: Job, log: Callable[[str], None] = print) -> dict[str, Any]:
     flops = [train_flops_per_sample(probe, s, train_sets[s.data[0]][:FLOP_BATCH]) for s in stages]
     samples = [s.steps * s.batch_size * s.grad_accum for s in stages]
     first_item = load_samples(resolve_dataset(data, f"{modalities[0]}_qa", "test"))[0].media[modalities[0]][0]
-    added = next((m for m in ("audio", "image", "video") if m not in modalities), None)  # None: it has them all
+    world = ("audio", "image") if recipe.model.codecs else ("audio", "image", "video")  # the world has no video codec
+    added = next((m for m in world if m not in modalities), None)  # None: it has them all
     record.update(
         parameter_summary(model),
         params_trainable=trainable_parameters(probe, stages),
@@ -142,8 +146,7 @@ def run_recipe(job: Job, log: Callable[[str], None] = print) -> dict[str, Any]:
         train_flops_per_sample=sum(f * n for f, n in zip(flops, samples)) / sum(samples),
         train_flops_by_stage={s.name: f for s, f in zip(stages, flops)},
         media_token_cost=media_token_cost(probe, stages[-1], first_item, modalities[0], settings.media_items),
-        adds_modality=None if added is None else adds_modality(
-            model, WORLD_ENCODERS[added], ConnectorConfig(kind=recipe.model.connectors[modalities[0]].kind)),
+        adds_modality=None if added is None else adds_modality(model, _addition(recipe, added)),
         text_ppl_before=adapter.text_perplexity(corpus),
     )
     del probe
@@ -184,7 +187,7 @@ def run_recipe(job: Job, log: Callable[[str], None] = print) -> dict[str, Any]:
     )
 
     metrics = {}
-    for spec in eval_tasks(modalities, settings):
+    for spec in eval_tasks(modalities, settings, model.fusion.output_modalities, retrieval=not recipe.model.codecs):
         key = task_key(spec)
         log(f"scoring {key}")
         result = evaluate_task(adapter, data, spec["task"], spec["split"], limit=spec.get("limit", settings.eval_limit),
@@ -196,10 +199,21 @@ def run_recipe(job: Job, log: Callable[[str], None] = print) -> dict[str, Any]:
     record.update(
         metrics=metrics,
         text_ppl_after=adapter.text_perplexity(corpus),
-        generates={m: ({"metric": f"{modalities[0]}_caption CIDEr-D", "value": caption.get("cider_d")} if m == "text" else None)
+        generates={m: {"metric": f"{modalities[0]}_caption CIDEr-D", "value": caption.get("cider_d")} if m == "text" else
+                   {"metric": f"{m}_generation {'colour and shape' if m == 'image' else 'pitch'} right (probe)",
+                    "value": metrics[f"{m}_generation/test"]["accuracy"]}
                    for m in model.fusion.output_modalities},
     )
     return record
+
+
+def _addition(recipe: Recipe, modality: str) -> dict[str, Any] | None:
+    """The world's config entries that give ``recipe``'s model ``modality``: a codec for a Type-D
+    recipe, else an encoder with a connector of the kind the recipe already uses."""
+    if recipe.model.codecs:
+        return {"codecs": WORLD_CODECS[modality]}
+    first = recipe.model.connectors[next(iter(recipe.model.encoders))]
+    return {"encoders": WORLD_ENCODERS[modality], "connectors": ConnectorConfig(kind=first.kind)}
 
 
 def _peak_memory_mb() -> float:

@@ -180,6 +180,9 @@ class MultimodalConfig(JsonConfig):
     max_length: int = 512
     chat_template: str | None = None  # overrides the tokenizer's template
     on_overflow: str = "error"  # "error" | "skip": a sample that does not fit max_length
+    # AudioPaLM's task tags: text put before the first user turn of every sample whose meta.task is a key
+    # (e.g. {"audio_caption": "[ASR] ", "audio_generation": "[TTS] "}), in training and evaluation alike
+    task_prefixes: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self):
         for name, enc in self.encoders.items():

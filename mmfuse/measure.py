@@ -14,7 +14,7 @@ import torch
 import yaml
 from torch.utils.flop_counter import FlopCounterMode
 
-from .config import ConnectorConfig, EncoderConfig, MultimodalConfig
+from .config import CodecConfig, EncoderConfig, MultimodalConfig
 from .data.schema import MARKERS, Message, Sample
 from .model import MultimodalLM
 from .modes import training_mode
@@ -26,6 +26,11 @@ WORLD_ENCODERS = {
     "image": EncoderConfig(modality="image", name_or_path="world:vision", feature_layer=-2),
     "audio": EncoderConfig(modality="audio", name_or_path="world:audio"),
     "video": EncoderConfig(modality="video", name_or_path="world:vision", feature_layer=-2, frames=8),
+}
+# and its codec, for a Type-D recipe
+WORLD_CODECS = {
+    "image": CodecConfig(modality="image", name_or_path="world:image_codec"),
+    "audio": CodecConfig(modality="audio", name_or_path="world:audio_codec"),
 }
 
 
@@ -73,7 +78,7 @@ def media_token_cost(
 
 
 def parameter_summary(model: MultimodalLM) -> dict[str, int]:
-    """``{"params_total", "params_llm", "params_encoders", "params_connectors", "params_fusion"}``."""
+    """``{"params_total", "params_llm", "params_encoders", "params_connectors", "params_codecs", "params_fusion"}``."""
     groups = model.parameter_groups()
     count = lambda prefix: sum(p.numel() for g, ps in groups.items() if g == prefix or g.startswith(prefix + ".") for _, p in ps)
     return {
@@ -81,6 +86,7 @@ def parameter_summary(model: MultimodalLM) -> dict[str, int]:
         "params_llm": count("llm"),
         "params_encoders": count("encoders"),
         "params_connectors": count("connectors"),
+        "params_codecs": count("codecs"),
         "params_fusion": count("fusion"),
     }
 
@@ -97,29 +103,34 @@ def trainable_parameters(model: MultimodalLM, stages: list[StageConfig]) -> int:
     return sum(trained.values())
 
 
-def with_modality(config: MultimodalConfig, encoder: EncoderConfig, connector: ConnectorConfig) -> MultimodalConfig:
-    """``config`` with ``encoder`` and its ``connector`` added."""
-    if encoder.modality in config.encoders:
-        raise ValueError(f"the config already has a {encoder.modality} encoder")
+def with_modality(config: MultimodalConfig, additions: dict[str, Any]) -> MultimodalConfig:
+    """``config`` with ``additions`` (section -> its new entry: ``{"encoders": EncoderConfig, "connectors":
+    ConnectorConfig}``, or ``{"codecs": CodecConfig}`` for Type-D) added under the entry's modality. A
+    Type-D config forgets its resolved codebooks, so the grown model lays out its vocabulary again."""
+    modality = _modality(additions)
+    if modality in config.encoders or modality in config.codecs:
+        raise ValueError(f"the config already reads {modality}")
     out = copy.deepcopy(config)
-    out.encoders[encoder.modality] = copy.deepcopy(encoder)
-    out.connectors[encoder.modality] = copy.deepcopy(connector)
+    for section, entry in additions.items():
+        getattr(out, section)[modality] = copy.deepcopy(entry)
+    out.fusion.options.pop("codebooks", None)
     return out
 
 
-def adds_modality(model: MultimodalLM, encoder: EncoderConfig, connector: ConnectorConfig) -> dict[str, Any]:
-    """What adding ``encoder``'s modality to ``model`` costs: parameters by component (the grown model is
-    built and counted) and the recipe lines a user adds (the new config entries, defaults left out)."""
-    modality = encoder.modality
-    after_config = with_modality(model.config, encoder, connector)
+def _modality(additions: dict[str, Any]) -> str:
+    return (additions.get("codecs") or additions["encoders"]).modality
+
+
+def adds_modality(model: MultimodalLM, additions: dict[str, Any]) -> dict[str, Any]:
+    """What adding a modality to ``model`` costs (``additions`` as :func:`with_modality` takes them):
+    parameters by component (the grown model is built and counted) and the recipe lines a user adds
+    (the new config entries, defaults left out)."""
+    after_config, modality = with_modality(model.config, additions), _modality(additions)
     with torch.random.fork_rng(devices=[]):
         after = MultimodalLM.from_config(after_config)
     before, grown = parameter_summary(model), parameter_summary(after)
     snippet = yaml.safe_dump(
-        {
-            "encoders": {modality: _non_default(after_config.encoders[modality], keep=("modality",))},
-            "connectors": {modality: _non_default(connector, keep=("kind",))},
-        },
+        {section: {modality: _non_default(entry, keep=("modality", "kind"))} for section, entry in additions.items()},
         default_flow_style=False,
         sort_keys=False,
     )
@@ -139,5 +150,6 @@ def _non_default(config, keep: tuple[str, ...]) -> dict[str, Any]:
     return {
         f.name: getattr(config, f.name)
         for f in dataclasses.fields(config)
-        if f.name in keep or (f.name != "hf_config" and getattr(config, f.name) != getattr(default, f.name))
+        if (f.name in keep and hasattr(config, f.name))
+        or (f.name not in ("hf_config", "settings") and getattr(config, f.name) != getattr(default, f.name))
     }

@@ -75,6 +75,7 @@ class MultimodalLM(nn.Module):
             chat_template=config.chat_template,
             on_overflow=config.on_overflow,
             label_media=self.fusion.labels_media,
+            task_prefixes=config.task_prefixes,
         )
 
     def _resolve_vocabulary(self, options: dict, llm) -> None:

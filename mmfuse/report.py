@@ -107,7 +107,8 @@ AXES: list[tuple[str, str, Callable[[Record], str], Callable[[list[Record]], tup
     ),
     (
         "Adding a modality",
-        "C easy and modular: add an encoder + connector, keep the LLM; A and B need new modules inside the LLM",
+        "C easy and modular: add an encoder + connector, keep the LLM; A and B need new modules inside the LLM; "
+        "D: extend the vocabulary, and train a tokenizer for the modality",
         lambda r: "has every world modality" if r["adds_modality"] is None else (
                   f"+{r['adds_modality']['modality']}: {_fmt_params(r['adds_modality']['new_params'])} new params "
                   f"({_fmt_params(r['adds_modality']['new_params_by_component']['fusion'])} inside the LLM), "
@@ -149,7 +150,12 @@ def _adding_verdict(records: list[Record]) -> tuple[str, str]:
     if not deep:
         return ("agrees" if c_keeps else "disagrees"), "Type-C keeps the LLM as it is; no Type-A/B recipe measured to contrast"
     deep_grows = all(r["adds_modality"]["new_params_by_component"]["fusion"] > 0 or r["adds_modality"]["llm_params_changed"] for r in deep)
-    return ("agrees" if c_keeps and deep_grows else "disagrees"), "new parameters inside the LLM: C none, A/B " + ("some" if deep_grows else "none")
+    tokenized = [r["adds_modality"]["new_params_by_component"] for r in ok if r["survey_type"] == "D"]
+    d_extends = all(new["llm"] > 0 and new.get("codecs", 0) > 0 and new["fusion"] == 0 for new in tokenized)
+    detail = "new parameters inside the LLM: C none, A/B " + ("some" if deep_grows else "none")
+    if tokenized:
+        detail += "; D " + ("new vocabulary rows and a codec" if d_extends else "not only new vocabulary rows and a codec")
+    return ("agrees" if c_keeps and deep_grows and d_extends else "disagrees"), detail
 
 
 def _generation_verdict(records: list[Record]) -> tuple[str, str]:

@@ -42,12 +42,12 @@ def broken_recipe(tmp_path_factory):
 
 
 def test_quick_compare_writes_report_plots_and_survives_a_failing_recipe(tmp_path, env, broken_recipe):
-    recipes = ["openflamingo", "llama-adapter", "llava", "llava-1.5", "blip2", "qwen-audio", broken_recipe]
+    recipes = ["openflamingo", "llama-adapter", "llava", "llava-1.5", "blip2", "qwen-audio", "chameleon", broken_recipe]
     result = _compare(tmp_path / "cmp", env, *[a for r in recipes for a in ("--recipes", r)])
     assert result.returncode == 1, result.stderr[-3000:]  # one recipe failed: reported, and the run says so
     report = json.loads((tmp_path / "cmp" / "report.json").read_text())
     records = {r["recipe"]: r for r in report["recipes"]}
-    assert list(records) == ["openflamingo", "llama-adapter", "llava", "llava-1.5", "blip2", "qwen-audio", "broken"]
+    assert list(records) == ["openflamingo", "llama-adapter", "llava", "llava-1.5", "blip2", "qwen-audio", "chameleon", "broken"]
     assert "no_such_task" in records["broken"]["error"]
     budgets = set()
     types = {"openflamingo": "A", "llama-adapter": "B"}
@@ -64,6 +64,14 @@ def test_quick_compare_writes_report_plots_and_survives_a_failing_recipe(tmp_pat
         qa = f"{r['modalities'][0]}_qa/test"
         assert set(r["metrics"]) >= {qa, f"{r['modalities'][0]}_qa/heldout", f"{r['modalities'][0]}_caption/test"}
         assert 0 <= r["metrics"][qa]["accuracy"] <= 1 and "by_kind" in r["metrics"][qa]
+    chameleon = records["chameleon"]  # Type-D: reads image codes, and draws
+    assert chameleon["survey_type"] == "D" and RECORD_FIELDS <= set(chameleon)
+    assert chameleon["generates"].keys() == {"text", "image"} and 0 <= chameleon["generates"]["image"]["value"] <= 1
+    assert 0 <= chameleon["metrics"]["image_generation/test"]["complete"] <= 1
+    added = chameleon["adds_modality"]  # a sound codec and its vocabulary rows; no new module inside the LLM
+    assert added["modality"] == "audio" and added["new_params_by_component"]["codecs"] > 0
+    assert added["new_params_by_component"]["llm"] > 0 and added["new_params_by_component"]["fusion"] == 0
+    budgets.add(chameleon["budget"]["requested"])
     assert len(budgets) == 1  # equal budgets
     assert records["blip2"]["params_trainable"] < records["llava"]["params_trainable"]  # BLIP-2 keeps the LLM frozen
     assert records["openflamingo"]["params_fusion"] > 0 == records["llava"]["params_fusion"]  # blocks inside the LLM

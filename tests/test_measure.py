@@ -59,15 +59,15 @@ def test_media_token_cost_grows_with_the_connector_tokens(tokenizer_dir, media_d
 def test_adds_modality_counts_the_new_encoder_and_connector(tokenizer_dir):
     model = MultimodalLM.from_config(tiny_config(tokenizer_dir))
     encoder = EncoderConfig(modality="audio", hf_config=dict(TINY_WHISPER))
-    added = adds_modality(model, encoder, ConnectorConfig(kind="linear", pool_stride=2))
+    added = adds_modality(model, {"encoders": encoder, "connectors": ConnectorConfig(kind="linear", pool_stride=2)})
     both = MultimodalLM.from_config(tiny_config(tokenizer_dir, audio="linear"))
     expected = parameter_summary(both)["params_total"] - parameter_summary(model)["params_total"]
     assert added["new_params"] == expected > 0
     assert added["new_params_by_component"]["llm"] == 0 and not added["llm_params_changed"]
     assert added["new_params_by_component"]["fusion"] == 0
     assert "pool_stride: 2" in added["config_added"] and added["config_lines"] == len(added["config_added"].splitlines())
-    with pytest.raises(ValueError, match="already has"):
-        adds_modality(model, EncoderConfig(modality="image"), ConnectorConfig())
+    with pytest.raises(ValueError, match="already reads"):
+        adds_modality(model, {"encoders": EncoderConfig(modality="image"), "connectors": ConnectorConfig()})
 
 
 def test_trainable_parameters_is_the_union_over_stages(tokenizer_dir):

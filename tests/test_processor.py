@@ -192,3 +192,15 @@ def test_qformer_2d_positions_make_it_see_where_features_are():
     assert not torch.allclose(placed(features), placed(shuffled), atol=1e-4)
     with pytest.raises(ValueError, match="square grid"):
         placed(torch.randn(1, 35, 16))
+
+
+def test_task_prefix_goes_before_the_first_user_turn_of_its_task_only(tokenizer_dir, media_dir):
+    model = MultimodalLM.from_config(tiny_config(tokenizer_dir, task_prefixes={"image_caption": "[CAP] "}))
+    tagged = Sample("t", [Message("system", "be brief"), Message("user", "<image>\ndescribe"), Message("assistant", "red")],
+                    {"image": [media_dir / "a.png"]}, {"task": "image_caption"})
+    other = Sample("o", tagged.messages, tagged.media, {"task": "image_qa"})
+    with_tag, without = model.processor(tagged), model.processor(other)
+    text = model.tokenizer.decode([t for t in with_tag.input_ids if t >= 0])
+    assert "be brief<|end|><|user|>\n[CAP] \ndescribe" in text and "[CAP]" not in model.tokenizer.decode([t for t in without.input_ids if t >= 0])
+    assert _labelled_text(model, with_tag) == _labelled_text(model, without) == "red<|end|>"  # the tag is never learned
+    assert tagged.messages[1].content == "<image>\ndescribe"  # the caller's sample is left as it was

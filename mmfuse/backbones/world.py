@@ -1,11 +1,12 @@
 """The built-in world's pretrained backbones, built on first use and cached.
 
 ``world:llm``, ``world:vision`` and ``world:audio`` name a small Llama, ViT and Whisper encoder trained
-from scratch on the synthetic world (seeded, no download). :func:`resolve` maps such a name to its
-cached directory under :func:`cache_dir`, building it the first time; any other name is returned
-unchanged. A build is written to a temporary directory and renamed into place, so an interrupted
-build never leaves a half backbone behind. The vision and audio encoders see only non-held-out
-attribute combinations (:mod:`mmfuse.data.synth.heldout`).
+from scratch on the synthetic world (seeded, no download); ``world:image_codec``, ``world:audio_codec``
+and ``world:semantic_audio`` the Type-D codecs of :mod:`mmfuse.codecs`. :func:`resolve` maps such a
+name to its cached directory under :func:`cache_dir`, building it the first time; any other name is
+returned unchanged. A build is written to a temporary directory and renamed into place, so an
+interrupted build never leaves a half backbone behind. The vision and audio encoders and the codecs
+see only non-held-out attribute combinations (:mod:`mmfuse.data.synth.heldout`).
 
 Environment variables:
 
@@ -28,6 +29,7 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
+from ..codecs import pretrain_audio_codec, pretrain_image_codec, pretrain_semantic_audio
 from ..data.synth.heldout import event_allowed, shape_allowed
 from .world_audio import pretrain_audio_encoder
 from .world_llm import pretrain_llm
@@ -40,6 +42,9 @@ WORLD_BACKBONES = {
     "llm": pretrain_llm,
     "vision": functools.partial(pretrain_vision_encoder, allowed=shape_allowed),
     "audio": functools.partial(pretrain_audio_encoder, allowed=event_allowed),
+    "image_codec": functools.partial(pretrain_image_codec, allowed=shape_allowed),
+    "audio_codec": functools.partial(pretrain_audio_codec, allowed=event_allowed),
+    "semantic_audio": functools.partial(pretrain_semantic_audio, allowed=event_allowed),  # builds world:audio first
 }
 
 

@@ -163,9 +163,7 @@ class AudioCodec(MediaCodec):
         """Waves (B, S) -> log-magnitudes (B, bins, F * stride), S zero-padded to F whole code frames."""
         if waves.dim() != 2:
             raise ValueError(f"audio codec: expected waveforms (items, samples), got shape {tuple(waves.shape)}")
-        frames = -(-waves.shape[1] // self.samples_per_frame)
-        waves = F.pad(waves, (0, frames * self.samples_per_frame - waves.shape[1]))
-        return self.spectrogram.log_magnitude(waves)[..., : frames * self.stride]
+        return code_frame_spectra(self.spectrogram, waves, self.stride)
 
     def quantize(self, log_magnitude: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Log-magnitudes (B, bins, F * stride) -> quantized (B, F, dim), codes (B, F, num_quantizers),
@@ -189,6 +187,15 @@ class AudioCodec(MediaCodec):
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
         """Codes (items, F, num_quantizers) -> waves (items, F * stride * hop) in [-1, 1]."""
         return to_wave(self.spectrogram, self.decode_spectrogram(codes))
+
+
+def code_frame_spectra(spectrogram: Spectrogram, waves: torch.Tensor, stride: int) -> torch.Tensor:
+    """Waves (B, S) -> log-magnitudes (B, bins, F * stride) of F = ceil(S / (stride * hop)) whole code
+    frames (S zero-padded; ``center=True``'s final STFT frame dropped)."""
+    samples_per_frame = stride * spectrogram.hop
+    frames = -(-waves.shape[1] // samples_per_frame)
+    waves = F.pad(waves, (0, frames * samples_per_frame - waves.shape[1]))
+    return spectrogram.log_magnitude(waves)[..., : frames * stride]
 
 
 def to_wave(spectrogram: Spectrogram, log_magnitude: torch.Tensor) -> torch.Tensor:

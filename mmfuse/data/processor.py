@@ -50,6 +50,7 @@ class Processor:
     ``on_overflow``: "error" raises :class:`SampleTooLong`; "skip" returns ``None`` and records the id in
     ``self.skipped``. ``label_media``: media inside a learned span keep their layout ids as labels
     (Type-D learns to generate them; the strategy turns placeholder labels into codes).
+    ``task_prefixes``: ``meta["task"]`` -> text put before the first user turn (AudioPaLM's ``[ASR]``).
     """
 
     def __init__(
@@ -63,6 +64,7 @@ class Processor:
         chat_template: str | None = None,
         on_overflow: str = "error",
         label_media: bool = False,
+        task_prefixes: dict[str, str] | None = None,
     ):
         self.tokenizer = tokenizer
         self.media_processors = media_processors
@@ -72,6 +74,7 @@ class Processor:
         self.chat_template = chat_template or tokenizer.chat_template or PLAIN_TEMPLATE
         self.on_overflow = on_overflow
         self.label_media = label_media
+        self.task_prefixes = dict(task_prefixes or {})
         self.skipped: list[str] = []
         self.stop_token_ids = self._stop_token_ids()
 
@@ -134,6 +137,7 @@ class Processor:
     # -- samples ------------------------------------------------------------------------------
     def __call__(self, sample: Sample, for_generation: bool = False) -> Encoded | None:
         sample.validate()
+        sample = self.with_task_prefix(sample)
         missing = sorted({m for m, items in sample.media.items() if items} - set(self.media_processors))
         if missing:
             raise ValueError(f"sample {sample.id!r}: field {missing[0]!r} has media but the model has no {missing[0]} encoder")
@@ -184,6 +188,16 @@ class Processor:
             )
         stacked = {m: torch.stack(items) for m, items in media.items()}
         return Encoded(sample.id, input_ids, labels, stacked)
+
+    def with_task_prefix(self, sample: Sample) -> Sample:
+        """``sample`` with its task's prefix before its first user turn (unchanged without one)."""
+        prefix = self.task_prefixes.get(sample.meta.get("task"))
+        first = next((i for i, m in enumerate(sample.messages) if m.role in ("user", "document")), None)
+        if not prefix or first is None:
+            return sample
+        messages = list(sample.messages)
+        messages[first] = Message(messages[first].role, prefix + messages[first].content)
+        return Sample(sample.id, messages, sample.media, sample.meta)
 
     @staticmethod
     def _pieces(text: str, spans: list[tuple[int, int]]):

@@ -51,6 +51,25 @@ class EvalAdapter:
         return out
 
     @torch.no_grad()
+    def generate_media(self, samples: list[Sample], modality: str, **generate_kwargs) -> list[torch.Tensor | None]:
+        """One ``modality`` item generated per sample (Type-D), from the sample's prompt alone: its final
+        assistant turn and its media are dropped. Greedy unless ``generate_kwargs`` say otherwise; None
+        where generation stopped before the item was complete."""
+        prompts = [Sample(s.id, s.prompt_and_answer()[0] if s.messages[-1].role == "assistant" else s.messages, {}, s.meta)
+                   for s in samples]
+        span = self.model.span_length(modality)
+        generate_kwargs = {"do_sample": False, "max_new_tokens": span + 2, **generate_kwargs}
+        out = []
+        with training_mode(self.model, False):
+            for start in range(0, len(prompts), self.batch_size):
+                chunk = prompts[start : start + self.batch_size]
+                batch = self.model.collator("left")([self.model.processor(s, for_generation=True) for s in chunk])
+                tokens = self.model.generate(batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device),
+                                             outputs=(modality,), **generate_kwargs)
+                out += [next((item.cpu() for m, item in items if m == modality), None) for _, items in self.model.decode_output(tokens)]
+        return out
+
+    @torch.no_grad()
     def score(self, samples: list[Sample], candidates: list[str]) -> torch.Tensor:
         """``(len(samples), len(candidates))`` summed log-likelihood of each candidate as the assistant's
         final reply (its end-of-turn token included, so every candidate is scored as a full answer)."""

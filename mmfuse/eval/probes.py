@@ -17,7 +17,7 @@ an empty image or a silent clip is predicted ``"none"`` rather than a specific o
 Generated media come out of lossy codecs (a 6x6-latent VQ autoencoder for images, a spectrogram
 codec with Griffin-Lim phase reconstruction for audio), so training degrades most examples:
 images are blurred, resampled through a lower resolution, colour-jittered, shifted by a pixel or two
-and noised; sounds get random loudness, Griffin-Lim re-synthesis (random phase start, 0-8
+and noised; sounds get random loudness, Griffin-Lim re-synthesis (random phase start, 0-4
 iterations, several FFT sizes), spectral smearing and noise. The probe therefore reads the object's
 mean colour and outline, and a sound's band and time course, not pixel-exact edges or phase.
 
@@ -65,7 +65,7 @@ IMAGE_ATTRIBUTES = {
 }
 AUDIO_ATTRIBUTES = {"kind": sounds.KINDS, "pitch": sounds.PITCHES, "duration": sounds.DURATIONS}
 IMAGE_STEPS = 400
-AUDIO_STEPS = 400
+AUDIO_STEPS = 200
 BATCH_SIZE = 64
 LEARNING_RATE = 3e-3
 EMPTY_FRACTION = 0.1  # share of each training batch that is empty (target "none")
@@ -81,7 +81,7 @@ N_BANDS = 48
 F_MIN, F_MAX = 120.0, 6000.0
 CLIP_SAMPLES = int(round(sounds.CLIP_SECONDS * sounds.SAMPLE_RATE))
 LENGTH_TOLERANCE = int(0.1 * sounds.SAMPLE_RATE)  # clips this much shorter / longer are padded / cropped
-GRIFFIN_LIM_FRACTION = 0.25  # share of training clips re-synthesised by Griffin-Lim (the costly part)
+GRIFFIN_LIM_FRACTION = 0.1  # share of training clips re-synthesised by Griffin-Lim (the costly part)
 LOG_FLOOR = 1e-4  # amplitude floor of the log spectrogram (a unit sine has amplitude 1)
 
 
@@ -100,22 +100,30 @@ class _Probe(nn.Module):
         """Attribute -> class names; the last class of each is :data:`NONE`."""
         return _classes(self.attributes)
 
+    @property
+    def _device(self) -> torch.device:
+        return next(self.parameters()).device
+
     def _prepare(self, media) -> torch.Tensor:
+        """Validate ``media`` and return it as a float CPU tensor in the probe's input layout."""
         raise NotImplementedError
 
     def logits(self, media) -> dict[str, torch.Tensor]:
-        """Media -> ``{attribute: (n, classes) logits}``; differentiable (no ``no_grad``)."""
-        return self(self._prepare(media))
+        """Media -> ``{attribute: (n, classes) logits}``; differentiable (no ``no_grad``), on the probe's device."""
+        return self(self._prepare(media).to(self._device))
 
     @torch.no_grad()
-    def probabilities(self, media) -> dict[str, torch.Tensor]:
-        """Media -> ``{attribute: (n, classes) softmax probabilities}`` in :attr:`classes` order."""
+    def probabilities(self, media, batch_size: int = 256) -> dict[str, torch.Tensor]:
+        """Media -> ``{attribute: (n, classes) softmax probabilities}`` in :attr:`classes` order (CPU),
+        computed in eval mode ``batch_size`` items at a time."""
+        x = self._prepare(media)
         was_training = self.training
         self.eval()
         try:
-            return {k: v.softmax(-1) for k, v in self.logits(media).items()}
+            parts = [self(x[i : i + batch_size].to(self._device)) for i in range(0, x.shape[0], batch_size)]
         finally:
             self.train(was_training)
+        return {name: torch.cat([p[name] for p in parts]).softmax(-1).cpu() for name in parts[0]}
 
     def predict(self, media) -> dict[str, list[str]]:
         """Media -> ``{attribute: [predicted class name per item]}``; ``"none"`` means no object / sound."""
@@ -352,8 +360,9 @@ class AudioProbe(_Probe):
 
 
 def degrade_waves(waves: torch.Tensor, gen: torch.Generator, strength: float = 1.0) -> torch.Tensor:
-    """Codec-like damage to ``waves`` (n, samples): loudness x0.4-2, Griffin-Lim re-synthesis of about
-    half the clips (FFT 256-1024, 0-8 iterations) and faint added noise."""
+    """Codec-like damage to ``waves`` (n, samples): loudness x0.4-2, Griffin-Lim re-synthesis of a
+    ``GRIFFIN_LIM_FRACTION`` share (random initial phase, FFT 256-1024, 0-4 iterations: at least as
+    smeared as a real Griffin-Lim decoder) and faint added noise. ``strength`` 0 leaves them unchanged."""
     n = waves.shape[0]
     out = waves * torch.exp(strength * _uniform(n, math.log(0.4), math.log(2.0), gen)).view(n, 1)
     redo = torch.rand(n, generator=gen) < GRIFFIN_LIM_FRACTION * min(strength, 1.0)
@@ -495,7 +504,7 @@ def train_image_probe(
     seed: int = 0,
     steps: int = IMAGE_STEPS,
     batch_size: int = BATCH_SIZE,
-    eval_items: int = EVAL_ITEMS,
+    eval_items: int | None = None,
     progress: Callable[[int, int, dict], None] | None = None,
 ) -> tuple[ImageProbe, dict]:
     """Train an :class:`ImageProbe` on fresh seeded one-object world scenes, most degraded like codec output.
@@ -507,6 +516,7 @@ def train_image_probe(
     ``heldout_accuracy`` (held-out (colour, shape) pairs only), ``empty_predicted_none`` (share of
     empty images predicted "none"), plus steps, batch size, seed and ``train_seconds``.
     """
+    eval_items = EVAL_ITEMS if eval_items is None else eval_items
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         probe = ImageProbe()
@@ -520,7 +530,7 @@ def train_audio_probe(
     seed: int = 0,
     steps: int = AUDIO_STEPS,
     batch_size: int = BATCH_SIZE,
-    eval_items: int = EVAL_ITEMS,
+    eval_items: int | None = None,
     progress: Callable[[int, int, dict], None] | None = None,
 ) -> tuple[AudioProbe, dict]:
     """Train an :class:`AudioProbe` on fresh seeded one-event world clips, most degraded like codec output.
@@ -529,6 +539,7 @@ def train_audio_probe(
     :func:`smear_bands`, ``heldout_accuracy`` the held-out (kind, pitch) pairs, and
     ``griffin_lim_accuracy`` clips re-synthesised by a 16-iteration Griffin-Lim (up to 128 clips).
     """
+    eval_items = EVAL_ITEMS if eval_items is None else eval_items
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         probe = AudioProbe()

@@ -4,6 +4,10 @@
   *choice accuracy*: the reference is ranked by likelihood among every answer of the same question
   kind in the evaluated set (model-agnostic: it needs no answer format, only log-likelihoods).
 * Caption tasks (``*_caption``, ``interleaved``): CIDEr-D and BLEU-4 against the final assistant turn.
+* Generation tasks (``image_generation``, ``audio_generation``; Type-D models): the model draws an image
+  or makes a sound from the prompt alone, and a probe classifier trained on real world media
+  (:mod:`mmfuse.eval.probes`) says what it shows; accuracy per attribute of ``meta.target``, and for
+  images the share with colour *and* shape right.
 
 Few-shot prompts put ``shots`` solved examples from the task's train split before the question, as
 earlier turns of the same conversation (``shot_format="turns"``) or as one interleaved document in
@@ -31,6 +35,7 @@ from .retrieval import NearestNeighbours, choose_shots
 SHOT_SELECTION = ("random", "retrieval")
 SHOT_FORMATS = ("turns", "document")
 FEWSHOT_POOL = 512  # train examples a few-shot prompt draws from
+GENERATION_TASKS = {"image_generation": "image", "audio_generation": "audio"}  # task -> the modality generated
 
 
 def task_metric(task: str) -> str:
@@ -39,7 +44,10 @@ def task_metric(task: str) -> str:
         return "qa"
     if task.endswith("_caption") or task == "interleaved":
         return "caption"
-    raise ValueError(f"task {task!r}: no metric for it; tasks are named '<x>_qa', '<x>_caption' or 'interleaved'")
+    if task in GENERATION_TASKS:
+        return "generation"
+    raise ValueError(f"task {task!r}: no metric for it; tasks are named '<x>_qa', '<x>_caption', 'interleaved' or "
+                     f"one of {sorted(GENERATION_TASKS)}")
 
 
 def evaluate_task(
@@ -62,6 +70,11 @@ def evaluate_task(
     samples = load_samples(resolve_dataset(data, task, split))[:limit]
     if not samples:
         raise ValueError(f"task {task!r} split {split!r}: no samples")
+    if metric == "generation":
+        if shots:
+            raise ValueError(f"task {task!r}: generation tasks are scored zero-shot")
+        return {**generation_scores(samples, adapter.generate_media(samples, GENERATION_TASKS[task]), GENERATION_TASKS[task]),
+                "task": task, "split": split, "shots": 0, "shot_selection": None, "shot_format": None}
     if shots:
         samples = few_shot(adapter, samples, load_samples(resolve_dataset(data, task, "train")), shots, shot_selection, seed,
                            shot_format)
@@ -111,6 +124,30 @@ def caption_scores(samples: list[Sample], predictions: list[str]) -> dict:
         "count": len(samples),
         "predictions": [{"id": s.id, "prediction": p, "reference": r[0]} for s, p, r in zip(samples, predictions, references)],
     }
+
+
+def generation_scores(samples: list[Sample], items: list[torch.Tensor | None], modality: str) -> dict:
+    """``{"accuracy", "by_attribute": {attribute: share}, "complete", "count", "probe": its accuracy on real
+    media, "predictions"}``. The headline ``accuracy`` is colour and shape both right for images, the
+    pitch for sounds. An incomplete item counts as wrong."""
+    from .probes import load_probe, probe_metrics
+
+    probe = load_probe(modality)
+    done = [i for i, item in enumerate(items) if item is not None]
+    predicted = probe.predict(torch.stack([items[i] for i in done])) if done else {}
+    rows = []
+    for i, sample in enumerate(samples):
+        target = sample.meta["target"]
+        guess = {a: predicted[a][done.index(i)] for a in predicted if a in target} if i in done else {}
+        rows.append({"id": sample.id, "target": target, "predicted": guess, "complete": i in done})
+    attributes = sorted({a for row in rows for a in row["target"]} & set(predicted)) if done else []
+    accuracy = {a: sum(row["predicted"].get(a) == row["target"][a] for row in rows) / len(rows) for a in attributes}
+    if modality == "image" and {"colour", "shape"} <= set(attributes):
+        accuracy["colour_and_shape"] = sum(row["predicted"].get("colour") == row["target"]["colour"]
+                                           and row["predicted"].get("shape") == row["target"]["shape"] for row in rows) / len(rows)
+    headline = accuracy.get("colour_and_shape" if modality == "image" else "pitch", 0.0)
+    return {"accuracy": headline, "by_attribute": accuracy, "complete": len(done) / len(samples), "count": len(samples),
+            "probe": probe_metrics(modality), "predictions": rows}
 
 
 def choice_accuracy(adapter: EvalAdapter, samples: list[Sample]) -> float:
