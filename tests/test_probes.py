@@ -8,6 +8,7 @@ import random
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from mmfuse.data.synth import scenes, sounds
 from mmfuse.data.synth.scenes import Scene, Shape
@@ -25,7 +26,7 @@ def image_probe():
 
 @pytest.fixture(scope="module")
 def audio_probe():
-    return probes.train_audio_probe(seed=0, steps=AUDIO_TEST_STEPS, batch_size=32, eval_items=32)
+    return probes.train_audio_probe(seed=0, steps=AUDIO_TEST_STEPS, eval_items=32)
 
 
 def _images(scene_list: list[Scene]) -> torch.Tensor:
@@ -38,11 +39,9 @@ def _accuracy(predicted: list[str], truth: list[str]) -> float:
 
 @pytest.fixture
 def tiny_cache(tmp_path, monkeypatch):
-    """An empty cache under tmp_path, a small steps scale and small evaluation sets."""
+    """An empty cache under tmp_path and a small steps scale; counts the training calls per modality."""
     monkeypatch.setenv("MMFUSE_CACHE", str(tmp_path))
     monkeypatch.setenv("MMFUSE_WORLD_STEPS_SCALE", "0.01")
-    monkeypatch.setattr(probes, "EVAL_ITEMS", 16)
-    monkeypatch.setattr(probes, "GRIFFIN_LIM_EVAL_ITEMS", 4)
     calls = []
     for modality, (cls, train, steps) in list(probes._PROBES.items()):
         def counted(*args, _train=train, _modality=modality, **kwargs):
@@ -82,7 +81,7 @@ def test_image_probe_names_specific_objects_also_when_blurred(image_probe):
     clean = _images([Scene([s]) for s in objects])
     side = scenes.IMAGE_SIZE
     blurred = probes._blur(clean, torch.full((3,), 1.5), torch.full((3,), 1.5), radius=4)
-    coarse = torch.nn.functional.interpolate(torch.nn.functional.interpolate(clean, size=side // 4, mode="area"), size=side, mode="bilinear")
+    coarse = F.interpolate(F.interpolate(clean, size=side // 4, mode="area"), size=side, mode="bilinear")
     for images in (clean, blurred, coarse):
         predicted = probe.predict(images)
         assert predicted["colour"] == ["red", "blue", "purple"]
@@ -193,7 +192,8 @@ def test_load_probe_trains_once_and_caches(tiny_cache):
     files = {p.name: p.stat().st_mtime_ns for p in target.iterdir()}
     assert set(files) == {probes.WEIGHTS_NAME, probes.INFO_NAME}
     info = json.loads((target / probes.INFO_NAME).read_text())
-    assert info["version"] == probes.PROBE_VERSION and info["metrics"]["steps"] == 4  # 400 * 0.01
+    assert info["version"] == probes.PROBE_VERSION and info["metrics"]["steps"] == round(probes.IMAGE_STEPS * 0.01)
+    assert info["metrics"]["eval_items"] == 16  # a quick build is checked on fewer items
 
     second = probes.load_probe("image")
     metrics = probes.probe_metrics("image")

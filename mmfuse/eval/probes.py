@@ -15,21 +15,29 @@ every batch is empty (background only / silence) with the target ``"none"`` for 
 an empty image or a silent clip is predicted ``"none"`` rather than a specific object.
 
 Generated media come out of lossy codecs (a 6x6-latent VQ autoencoder for images, a spectrogram
-codec with Griffin-Lim phase reconstruction for audio), so training degrades most examples:
-images are blurred, resampled through a lower resolution, colour-jittered, shifted by a pixel or two
-and noised; sounds get random loudness, Griffin-Lim re-synthesis (random phase start, 0-4
-iterations, several FFT sizes), spectral smearing and noise. The probe therefore reads the object's
-mean colour and outline, and a sound's band and time course, not pixel-exact edges or phase.
+codec with Griffin-Lim phase reconstruction for audio), so training degrades most examples
+(:func:`degrade_images`, :func:`degrade_waves`, :func:`smear_bands`): images are rescaled and
+shifted by a pixel or two, blurred, resampled through a lower resolution, desaturated, faded,
+colour-jittered and noised; sounds get random loudness, Griffin-Lim re-synthesis (random phase
+start, 0-4 iterations, several FFT sizes), spectral smearing and noise. The image probe also sees
+its input only at 24x24. It therefore reads the object's mean colour and outline, and a sound's band
+and time course, not pixel-exact edges or phase. Where a codec really loses the information (a small
+square decoded as a round blob) the probe reports what the decoded image shows.
+
+Training and prediction run on one CPU thread (restored after): the probes are tiny, and on a busy
+machine torch's extra intra-op threads made training up to 10x slower.
 
 :func:`load_probe` trains a probe on first use and caches it (``model.safetensors`` plus
 ``probe.json`` with its settings and metrics) under ``cache_dir() / "world" / "probes" /
 <modality>`` (``<modality>-steps<scale>`` when ``MMFUSE_WORLD_STEPS_SCALE`` is not 1), written to a
-temporary directory and renamed into place. :func:`probe_metrics` returns the saved accuracies.
+temporary directory and renamed into place; a scale below 1 also evaluates on proportionally fewer
+items (at least 16). :func:`probe_metrics` returns the saved accuracies.
 ``python -m mmfuse.eval.probes`` prints them (training the probes first if needed).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -50,8 +58,8 @@ from mmfuse.data.synth import scenes, sounds
 from mmfuse.data.synth.heldout import event_is_heldout, sample_heldout, scene_is_heldout
 
 __all__ = [
-    "AudioProbe", "ImageProbe", "NONE", "load_probe", "probe_dir", "probe_metrics", "train_audio_probe",
-    "train_image_probe",
+    "AudioProbe", "ImageProbe", "NONE", "build_probe", "degrade_images", "degrade_waves", "griffin_lim",
+    "load_probe", "probe_dir", "probe_metrics", "smear_bands", "train_audio_probe", "train_image_probe",
 ]
 
 NONE = "none"  # the class of every attribute for an empty image / a silent clip
@@ -65,14 +73,14 @@ IMAGE_ATTRIBUTES = {
 }
 AUDIO_ATTRIBUTES = {"kind": sounds.KINDS, "pitch": sounds.PITCHES, "duration": sounds.DURATIONS}
 IMAGE_STEPS = 400
-AUDIO_STEPS = 200
+AUDIO_STEPS = 120
 BATCH_SIZE = 64
 LEARNING_RATE = 3e-3
 EMPTY_FRACTION = 0.1  # share of each training batch that is empty (target "none")
 CLEAN_FRACTION = 0.15  # share of each training batch passed without degradation
 EVAL_ITEMS = 512
 GRIFFIN_LIM_EVAL_ITEMS = 128  # Griffin-Lim re-synthesis is slow: the audio probe's codec-like check uses fewer clips
-GRIFFIN_LIM_EVAL_ITERATIONS = 16
+GRIFFIN_LIM_EVAL_ITERATIONS = 8
 
 # audio features: |STFT| pooled into log-spaced frequency bands, log-compressed
 N_FFT = 1024
@@ -120,7 +128,8 @@ class _Probe(nn.Module):
         was_training = self.training
         self.eval()
         try:
-            parts = [self(x[i : i + batch_size].to(self._device)) for i in range(0, x.shape[0], batch_size)]
+            with _one_thread():
+                parts = [self(x[i : i + batch_size].to(self._device)) for i in range(0, x.shape[0], batch_size)]
         finally:
             self.train(was_training)
         return {name: torch.cat([p[name] for p in parts]).softmax(-1).cpu() for name in parts[0]}
@@ -131,6 +140,19 @@ class _Probe(nn.Module):
             name: [self.classes[name][i] for i in probs.argmax(-1).tolist()]
             for name, probs in self.probabilities(media).items()
         }
+
+
+@contextlib.contextmanager
+def _one_thread():
+    """Run torch ops on one CPU thread, restoring the caller's setting after. The probes are tiny: extra
+    intra-op threads gain little and on a busy machine cost up to 10x in spin-waiting; one thread also
+    makes training reproducible across machines with different core counts."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _as_float_tensor(media, what: str) -> torch.Tensor:
@@ -177,7 +199,9 @@ class ImageProbe(_Probe):
         x = _as_float_tensor(images, "ImageProbe")
         expected = (3, scenes.IMAGE_SIZE, scenes.IMAGE_SIZE)
         if x.ndim != 4 or tuple(x.shape[1:]) != expected:
-            raise ValueError(f"ImageProbe: expected images of shape (n, {', '.join(map(str, expected))}) in [0, 1], got {tuple(x.shape)}")
+            raise ValueError(
+                f"ImageProbe: expected images of shape (n, {', '.join(map(str, expected))}) in [0, 1], got {tuple(x.shape)}"
+            )
         if x.shape[0] == 0:
             raise ValueError("ImageProbe: got an empty batch (n = 0)")
         if not torch.isfinite(x).all():
@@ -216,8 +240,9 @@ def _uniform(n: int, low: float, high: float, gen: torch.Generator) -> torch.Ten
 def degrade_images(images: torch.Tensor, gen: torch.Generator, strength: float = 1.0) -> torch.Tensor:
     """Codec-like damage to ``images`` (n, 3, H, W) in [0, 1], drawn per item from ``gen``.
 
-    A rescale by up to 8% and a shift of up to 2 px, a blur of sigma up to 1.6 px (most items), a round trip through a 2-4x
-    lower resolution (a third), a per-channel colour gain / offset and pixel noise. ``strength``
+    A rescale by up to 8% and a shift of up to 2 px, a blur of sigma up to 1.6 px (most items), a
+    round trip through a 2-4x lower resolution (a third), desaturation and fading towards the
+    background, a per-channel colour gain / offset and pixel noise. ``strength``
     scales every amount (0: unchanged).
     """
     n = images.shape[0]
@@ -238,13 +263,18 @@ def degrade_images(images: torch.Tensor, gen: torch.Generator, strength: float =
         size = images.shape[-1]
         small = F.interpolate(out[low], size=size // factor, mode="area")
         out[low] = F.interpolate(small, size=size, mode="bilinear", align_corners=False)
+    grey = out.mean(1, keepdim=True)  # desaturate by up to 25%, then fade towards the background by up to 15%
+    out = grey + (1 - strength * _uniform(n, 0.0, 0.25, gen).view(n, 1, 1, 1)) * (out - grey)
+    out = bg + (1 - strength * _uniform(n, 0.0, 0.15, gen).view(n, 1, 1, 1)) * (out - bg)
     gain = 1 + strength * _uniform(n * 3, -0.08, 0.08, gen).view(n, 3, 1, 1)
     offset = strength * _uniform(n * 3, -0.04, 0.04, gen).view(n, 3, 1, 1)
     noise = strength * _uniform(n, 0.0, 0.04, gen).view(n, 1, 1, 1) * torch.randn(out.shape, generator=gen)
     return (out * gain + offset + noise).clamp(0, 1)
 
 
-def _image_batch(n: int, rng: random.Random, *, heldout: bool = False, empty_fraction: float = 0.0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def _image_batch(
+    n: int, rng: random.Random, *, heldout: bool = False, empty_fraction: float = 0.0
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """``n`` fresh one-object scenes (``empty_fraction`` of them empty): images (n, 3, 48, 48) in [0, 1]
     and class indices per attribute (the last class, "none", for empty images)."""
     classes = _classes(IMAGE_ATTRIBUTES)
@@ -293,18 +323,21 @@ def _power(waves: torch.Tensor, n_fft: int, hop: int) -> torch.Tensor:
     return spec.square().sum(-1) * (2 / window.sum()) ** 2
 
 
-def griffin_lim(waves: torch.Tensor, gen: torch.Generator, *, n_fft: int = 512, hop: int = 128, iterations: int = 8) -> torch.Tensor:
+def griffin_lim(
+    waves: torch.Tensor, gen: torch.Generator, *, n_fft: int = 512, hop: int = 128, iterations: int = 8
+) -> torch.Tensor:
     """Re-synthesise ``waves`` (n, samples) from their STFT magnitude alone: random initial phase,
     ``iterations`` Griffin-Lim updates (0 keeps the random phase). Mimics a magnitude-only audio codec."""
-    window = torch.hann_window(n_fft)
-    length = waves.shape[-1]
-    mag = torch.stft(waves, n_fft, hop, window=window, center=True, return_complex=True).abs()
-    phase = torch.polar(torch.ones_like(mag), 2 * math.pi * torch.rand(mag.shape, generator=gen))
-    for _ in range(iterations):
-        x = torch.istft(mag * phase, n_fft, hop, window=window, center=True, length=length)
-        spec = torch.view_as_real(torch.stft(x, n_fft, hop, window=window, center=True, return_complex=True))
-        phase = torch.view_as_complex(spec / spec.square().sum(-1, keepdim=True).sqrt().clamp_min(1e-8))
-    return torch.istft(mag * phase, n_fft, hop, window=window, center=True, length=length)
+    with _one_thread():
+        window = torch.hann_window(n_fft)
+        length = waves.shape[-1]
+        mag = torch.stft(waves, n_fft, hop, window=window, center=True, return_complex=True).abs()
+        phase = torch.polar(torch.ones_like(mag), 2 * math.pi * torch.rand(mag.shape, generator=gen))
+        for _ in range(iterations):
+            x = torch.istft(mag * phase, n_fft, hop, window=window, center=True, length=length)
+            spec = torch.view_as_real(torch.stft(x, n_fft, hop, window=window, center=True, return_complex=True))
+            phase = torch.view_as_complex(spec / spec.square().sum(-1, keepdim=True).sqrt().clamp_min(1e-8))
+        return torch.istft(mag * phase, n_fft, hop, window=window, center=True, length=length)
 
 
 class AudioProbe(_Probe):
@@ -386,7 +419,9 @@ def smear_bands(bands: torch.Tensor, gen: torch.Generator, strength: float = 1.0
     return (out * ripple + floor * torch.rand(out.shape, generator=gen)).clamp_min(0)
 
 
-def _audio_batch(n: int, rng: random.Random, *, heldout: bool = False, empty_fraction: float = 0.0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def _audio_batch(
+    n: int, rng: random.Random, *, heldout: bool = False, empty_fraction: float = 0.0
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """``n`` fresh one-event clips (``empty_fraction`` of them silent, i.e. background noise only):
     waveforms (n, 32000) and class indices per attribute ("none" for silence)."""
     classes = _classes(AUDIO_ATTRIBUTES)
@@ -509,7 +544,8 @@ def train_image_probe(
 ) -> tuple[ImageProbe, dict]:
     """Train an :class:`ImageProbe` on fresh seeded one-object world scenes, most degraded like codec output.
 
-    Deterministic for a given seed and thread count; the caller's torch RNG is left untouched.
+    Deterministic for a given seed (training runs on one CPU thread); the caller's torch RNG and
+    thread setting are left untouched.
     ``progress(step, steps, {"loss": float})`` is called after every step. Returns the probe (eval
     mode) and metrics on fresh items from a separate stream: per-attribute ``accuracy`` (clean
     scenes, all combinations), ``degraded_accuracy`` (the same through :func:`degrade_images`),
@@ -517,7 +553,7 @@ def train_image_probe(
     empty images predicted "none"), plus steps, batch size, seed and ``train_seconds``.
     """
     eval_items = EVAL_ITEMS if eval_items is None else eval_items
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), _one_thread():
         torch.manual_seed(seed)
         probe = ImageProbe()
         metrics = _train(probe, _image_batch, _image_degraded, seed=seed, steps=steps, batch_size=batch_size,
@@ -537,10 +573,10 @@ def train_audio_probe(
 
     As :func:`train_image_probe`; ``degraded_accuracy`` uses :func:`degrade_waves` and
     :func:`smear_bands`, ``heldout_accuracy`` the held-out (kind, pitch) pairs, and
-    ``griffin_lim_accuracy`` clips re-synthesised by a 16-iteration Griffin-Lim (up to 128 clips).
+    ``griffin_lim_accuracy`` clips re-synthesised by an 8-iteration Griffin-Lim from random phase (up to 128 clips).
     """
     eval_items = EVAL_ITEMS if eval_items is None else eval_items
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), _one_thread():
         torch.manual_seed(seed)
         probe = AudioProbe()
         metrics = _train(probe, _audio_batch, _audio_degraded, seed=seed, steps=steps, batch_size=batch_size,
@@ -584,7 +620,7 @@ def build_probe(modality: str, force: bool = False) -> Path:
     """Return the ``modality`` probe's cached directory, training it (again, with ``force``) when needed."""
     from mmfuse.backbones.world import steps_scale
 
-    cls, train, default_steps = _entry(modality)
+    _, train, default_steps = _entry(modality)
     target = probe_dir(modality)
     if not force and _read_info(target) is not None:
         return target
@@ -604,7 +640,9 @@ def build_probe(modality: str, force: bool = False) -> Path:
                 shown = "  ".join(f"{k} {v:.4g}" for k, v in metrics.items())
                 bar.update(task, completed=step, total=steps, description=f"{modality} probe  {shown}")
 
-            probe, metrics = train(seed=SEED, steps=max(1, round(default_steps * steps_scale())), progress=progress)
+            scale = steps_scale()
+            eval_items = EVAL_ITEMS if scale >= 1 else max(16, round(EVAL_ITEMS * scale))  # a quick build, a quick check
+            probe, metrics = train(seed=SEED, steps=max(1, round(default_steps * scale)), eval_items=eval_items, progress=progress)
         save_file({k: v.contiguous() for k, v in probe.state_dict().items()}, str(tmp / WEIGHTS_NAME))
         info = {"version": PROBE_VERSION, "modality": modality, "settings": probe.settings,
                 "classes": {k: list(v) for k, v in probe.classes.items()}, "metrics": metrics}
