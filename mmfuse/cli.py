@@ -128,7 +128,8 @@ def evaluate(
     choices: bool = typer.Option(False, help="QA: also rank the answers of each kind by likelihood."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the results as JSON."),
 ):
-    """Accuracy per question kind (QA tasks) or CIDEr-D / BLEU-4 (caption tasks) on a split."""
+    """Accuracy per question kind (QA tasks), CIDEr-D / BLEU-4 (caption tasks) or, for a Type-D model's
+    generation tasks, the share of generated items a probe judges right, on a split."""
     from .training import run_eval
 
     results = run_eval(
@@ -137,6 +138,13 @@ def evaluate(
     )
     out = Console()
     for name, result in results.items():
+        if "by_attribute" in result:  # a generation task, judged by the world's probe
+            table = Table("attribute", "right", title=f"{name} ({split}) - {result['accuracy']:.1%} of {result['count']} right, "
+                                                      f"{result['complete']:.1%} complete")
+            for attribute, share in result["by_attribute"].items():
+                table.add_row(attribute, f"{share:.1%}")
+            out.print(table)
+            continue
         if "by_kind" not in result:
             out.print(f"{name} ({split}): CIDEr-D {result['cider_d']:.3f}, BLEU-4 {result['bleu4']:.3f} over {result['count']}")
             continue

@@ -234,3 +234,52 @@ def test_qk_norm_normalises_queries_and_keys_and_survives_a_deep_copy(tokenizer_
             p.add_(torch.randn_like(p))
         assert (twin(**batch).logits - original).abs().max() > 1e-4
         torch.testing.assert_close(model(**batch).logits, original, rtol=0, atol=0)
+
+
+WORLD_SIZE_CODEC = {"kind": "image", "image_size": 48, "downsample": 8, "widths": [16, 16, 16], "latent_dim": 8,
+                    "codebook_size": 16, "codebook_dim": 4}
+
+
+class KnownProbe:
+    """Says every item shows a red circle."""
+
+    def predict(self, items):
+        return {"colour": ["red"] * len(items), "shape": ["circle"] * len(items)}
+
+
+def _draw(sid, colour, shape):
+    return Sample(sid, [Message("user", f"Draw the image: a large {colour} {shape} in the middle."), Message("assistant", "<image>")],
+                  {"image": ["unused.png"]}, {"task": "image_generation", "target": {"colour": colour, "shape": shape}})
+
+
+def test_generation_scores_count_an_item_right_only_when_every_judged_attribute_is(monkeypatch):
+    from mmfuse.eval import probes, tasks
+
+    monkeypatch.setattr(probes, "load_probe", lambda modality: KnownProbe())
+    monkeypatch.setattr(probes, "probe_metrics", lambda modality: {"colour": 1.0})
+    samples = [_draw("a", "red", "circle"), _draw("b", "red", "square"), _draw("c", "blue", "circle"), _draw("d", "red", "circle")]
+    items = [torch.zeros(3, 48, 48)] * 3 + [None]  # the last one was not finished
+    scores = tasks.generation_scores(samples, items, "image")
+    assert scores["by_attribute"] == {"colour": 0.5, "shape": 0.5, "colour_and_shape": 0.25}
+    assert scores["accuracy"] == 0.25 and scores["complete"] == 0.75 and scores["count"] == 4
+
+
+def test_generation_task_end_to_end_draws_one_complete_image_per_prompt(tokenizer_dir, monkeypatch):
+    from mmfuse.eval import probes
+    from mmfuse.eval.adapter import EvalAdapter
+    from mmfuse.eval.tasks import evaluate_task
+
+    monkeypatch.setattr(probes, "load_probe", lambda modality: KnownProbe())
+    monkeypatch.setattr(probes, "probe_metrics", lambda modality: {})
+    config = token_config(tokenizer_dir)
+    config.codecs["image"].settings = dict(WORLD_SIZE_CODEC)
+    model = MultimodalLM.from_config(config).eval()
+    samples = [_draw(f"s{i}", "red", "circle") for i in range(3)]
+    items = EvalAdapter(model, batch_size=2).generate_media(samples, "image")
+    assert [tuple(item.shape) for item in items] == [(3, 48, 48)] * 3  # an untrained model still completes its spans
+
+    written = {"s": samples}
+    monkeypatch.setattr("mmfuse.eval.tasks.load_samples", lambda path: written["s"])
+    monkeypatch.setattr("mmfuse.eval.tasks.resolve_dataset", lambda data, task, split: "unused")
+    result = evaluate_task(EvalAdapter(model), "unused", "image_generation")
+    assert result["complete"] == 1.0 and result["accuracy"] == 1.0  # the probe says red circle, as asked
