@@ -66,6 +66,7 @@ class MultimodalLM(nn.Module):
         self.tokenizer = tokenizer
         self.media_processors = media_processors
         self._token_counts: dict[tuple, int] = {}
+        self._span_lengths: dict[str, int] = {}
         self.processor = Processor(
             tokenizer,
             media_processors,
@@ -291,10 +292,12 @@ class MultimodalLM(nn.Module):
             eos = generate_kwargs["eos_token_id"]
             spans = MediaSpans(self.fusion.vocabularies, {m: self.span_length(m) for m in self.codecs}, outputs,
                                eos if isinstance(eos, list) else [eos])
-            generate_kwargs["logits_processor"] = [*generate_kwargs.get("logits_processor", []), spans]
             if "text" not in outputs and len(outputs) == 1:  # the reply is one media item: open its span
                 forced = input_ids.new_full((input_ids.shape[0], 1), self.fusion.vocabularies[outputs[0]].begin)
         with self.fusion.generation_inputs(self.llm_inputs(input_ids, media)) as inputs:
+            if self.codecs:  # a text-only reply from a prompt outside spans: one constant mask instead of MediaSpans
+                static = spans.static(inputs["input_ids"], self.llm.get_output_embeddings().out_features) if "input_ids" in inputs else None
+                generate_kwargs["logits_processor"] = [*generate_kwargs.get("logits_processor", []), static or spans]
             if forced is not None:
                 inputs["input_ids"] = torch.cat([inputs["input_ids"], forced], dim=1)
                 attention_mask = None if attention_mask is None else torch.cat([attention_mask, torch.ones_like(forced)], dim=1)
@@ -306,12 +309,16 @@ class MultimodalLM(nn.Module):
     def span_length(self, modality: str) -> int:
         """Tokens between a generated item's begin and end tokens: one image at the processor's size,
         one audio clip of ``fusion.options.generation_seconds``."""
+        if modality in self._span_lengths:
+            return self._span_lengths[modality]
         processor = self.media_processors[modality]
         if modality == "audio":
             blank = np.zeros(round(self.fusion.generation_seconds * processor.sampling_rate), dtype=np.float32)
         else:
             blank = Image.new("RGB", (32, 32))  # the processor resizes it to its own size
-        return self.media_token_count(modality, tuple(processor(blank if modality != "video" else [blank] * processor.frames).shape))
+        shape = tuple(processor(blank if modality != "video" else [blank] * processor.frames).shape)
+        self._span_lengths[modality] = self.media_token_count(modality, shape)
+        return self._span_lengths[modality]
 
     def decode_output(self, tokens: torch.Tensor) -> list[tuple[str, list[tuple[str, torch.Tensor]]]]:
         """Generated ids ``(B, new)`` -> per row ``(text, [(modality, media), ...])``: the text with a

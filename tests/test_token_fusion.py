@@ -19,7 +19,7 @@ from mmfuse.model import MultimodalLM
 from mmfuse.train.config import StageConfig
 from mmfuse.train.stage import apply_stage, optimizer_groups
 
-TINY_IMAGE_CODEC = {"kind": "image", "image_size": 16, "downsample": 4, "widths": [16, 16], "latent_dim": 8,
+TINY_IMAGE_CODEC = {"kind": "image", "quantizer": "vq", "image_size": 16, "downsample": 4, "widths": [16, 16], "latent_dim": 8,
                     "codebook_size": 16, "codebook_dim": 4}
 TEXT_ROWS = 320
 IMAGE_CODES = 16  # (16 / 4) ** 2 cells, one codebook
@@ -236,7 +236,7 @@ def test_qk_norm_normalises_queries_and_keys_and_survives_a_deep_copy(tokenizer_
         torch.testing.assert_close(model(**batch).logits, original, rtol=0, atol=0)
 
 
-WORLD_SIZE_CODEC = {"kind": "image", "image_size": 48, "downsample": 8, "widths": [16, 16, 16], "latent_dim": 8,
+WORLD_SIZE_CODEC = {"kind": "image", "quantizer": "vq", "image_size": 48, "downsample": 8, "widths": [16, 16, 16], "latent_dim": 8,
                     "codebook_size": 16, "codebook_dim": 4}
 
 

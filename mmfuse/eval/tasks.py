@@ -36,6 +36,10 @@ SHOT_SELECTION = ("random", "retrieval")
 SHOT_FORMATS = ("turns", "document")
 FEWSHOT_POOL = 512  # train examples a few-shot prompt draws from
 GENERATION_TASKS = {"image_generation": "image", "audio_generation": "audio"}  # task -> the modality generated
+# How each modality is decoded when scored: images greedily (measured best for the world's VQ codes);
+# sounds by sampling at temperature 1, since most frames of a clip are silence and greedy decoding
+# collapses to an all-silent clip (AudioPaLM and AudioLM sample too)
+GENERATION_DECODING = {"image": {}, "audio": {"do_sample": True, "temperature": 1.0}}
 
 
 def task_metric(task: str) -> str:
@@ -73,7 +77,11 @@ def evaluate_task(
     if metric == "generation":
         if shots:
             raise ValueError(f"task {task!r}: generation tasks are scored zero-shot")
-        return {**generation_scores(samples, adapter.generate_media(samples, GENERATION_TASKS[task]), GENERATION_TASKS[task]),
+        modality = GENERATION_TASKS[task]
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            items = adapter.generate_media(samples, modality, **GENERATION_DECODING[modality])
+        return {**generation_scores(samples, items, modality), "decoding": GENERATION_DECODING[modality],
                 "task": task, "split": split, "shots": 0, "shot_selection": None, "shot_format": None}
     if shots:
         samples = few_shot(adapter, samples, load_samples(resolve_dataset(data, task, "train")), shots, shot_selection, seed,

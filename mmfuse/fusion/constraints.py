@@ -29,22 +29,52 @@ class MediaSpans(LogitsProcessor):
         self.outputs = tuple(outputs)
         self.stop_ids = list(stop_ids)
 
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        """input_ids ``(B, t)`` so far, scores ``(B, V)`` -> scores with forbidden ids at ``-inf``."""
-        batch, length = input_ids.shape
-        outside = torch.zeros(scores.shape[-1], dtype=torch.bool, device=scores.device)
+    def _outside(self, size: int, device: torch.device) -> torch.Tensor:
+        """The ``(V,)`` mask of ids forbidden outside any span; built once per vocabulary size and device."""
+        key = (size, device)
+        cached = getattr(self, "_outside_cache", None)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        outside = torch.zeros(size, dtype=torch.bool, device=device)
         for modality, vocab in self.vocabularies.items():
             outside[vocab.begin + (modality in self.outputs): vocab.begin + vocab.size] = True
         if "text" not in self.outputs:  # media only: nothing but the end of the reply between spans
             outside[: min(v.begin for v in self.vocabularies.values())] = True
             outside[self.stop_ids] = False
-        forbidden = outside.expand(batch, -1).clone()
-        position = torch.arange(length, device=input_ids.device)
+        self._outside_cache = (key, outside)
+        return outside
+
+    def open_spans(self, input_ids: torch.Tensor) -> list[tuple[str, ModalityVocabulary, torch.Tensor, torch.Tensor]]:
+        """Per modality: ``(modality, vocab, last_begin (B,), rows inside one of its spans (B,) bool)``."""
+        position = torch.arange(input_ids.shape[1], device=input_ids.device)
+        out = []
         for modality, vocab in self.vocabularies.items():
             last_begin = torch.where(input_ids == vocab.begin, position, -1).amax(dim=1)
             last_end = torch.where(input_ids == vocab.end, position, -1).amax(dim=1)
+            out.append((modality, vocab, last_begin, last_begin > last_end))
+        return out
+
+    def static(self, input_ids: torch.Tensor, vocab_size: int) -> "BannedIds | None":
+        """For a text-only reply whose prompt ends outside every span: the equivalent constant mask (no
+        span can open, so every step forbids the same ids), else None."""
+        if self.outputs != ("text",) or any(bool(rows.any()) for *_, rows in self.open_spans(input_ids)):
+            return None
+        return BannedIds(self._outside(vocab_size, input_ids.device))
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        """input_ids ``(B, t)`` so far, scores ``(B, V)`` -> scores with forbidden ids at ``-inf``."""
+        batch, length = input_ids.shape
+        outside = self._outside(scores.shape[-1], scores.device)
+        open_spans = self.open_spans(input_ids)
+        inside = open_spans[0][3]
+        for *_, rows in open_spans[1:]:
+            inside = inside | rows
+        if not bool(inside.any()):  # the common case outside media: one broadcast mask, no per-row work
+            return scores.masked_fill(outside, float("-inf"))
+        forbidden = outside.expand(batch, -1).clone()
+        for modality, vocab, last_begin, rows in open_spans:
             done = (length - 1 - last_begin).tolist()
-            for row in ((last_begin >= 0) & (last_begin > last_end)).nonzero().flatten().tolist():
+            for row in rows.nonzero().flatten().tolist():
                 forbidden[row] = True
                 if done[row] < self.lengths[modality]:
                     lo, hi = vocab.allowed(done[row])
@@ -52,6 +82,16 @@ class MediaSpans(LogitsProcessor):
                 else:
                     forbidden[row, vocab.end] = False
         return scores.masked_fill(forbidden, float("-inf"))
+
+
+class BannedIds(LogitsProcessor):
+    """The same ids forbidden at every step: ``scores`` with ``mask`` ``(V,)`` at ``-inf``."""
+
+    def __init__(self, mask: torch.Tensor):
+        self.mask = mask
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        return scores.masked_fill(self.mask, float("-inf"))
 
 
 def split_media_spans(ids: torch.Tensor, vocabularies: dict[str, ModalityVocabulary]):
