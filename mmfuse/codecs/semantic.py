@@ -28,12 +28,15 @@ from torch import nn
 from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
 from mmfuse.backbones.loading import config_dict, default_processor, hf_config_from_dict, resolve_path
-from mmfuse.codecs.audio import EVAL_CLIPS, Spectrogram, SpectrogramDecoder, code_frame_spectra, pitch_kept, to_wave, world_clips
+from mmfuse.codecs.audio import (
+    EVAL_CLIPS, OFF_GRID_FRACTION, Spectrogram, SpectrogramDecoder, code_frame_spectra, pitch_metrics, spectral_loss, to_wave,
+    world_clips,
+)
 from mmfuse.codecs.base import MediaCodec
 from mmfuse.data.synth import sounds
 from mmfuse.data.synth.sounds import Clip, Event
 
-DEFAULT_STEPS = 600
+DEFAULT_STEPS = 1000
 KMEANS_CLIPS = 1024
 
 
@@ -154,13 +157,17 @@ def pretrain_semantic_audio(
     progress: Callable[[int, int, dict], None] | None = None,
 ) -> Path:
     """Fit the centroids of a :class:`SemanticAudioCodec` on ``audio_encoder`` (a Whisper checkpoint,
-    ``world:<name>`` resolved) over ``kmeans_clips`` fresh world clips of ``allowed`` events, train its
-    decoder for ``steps`` batches to predict the clips' log-magnitudes from the codes, and save it.
+    ``world:<name>`` resolved) over ``kmeans_clips`` fresh world clips of ``allowed`` events and as
+    many pitch-shifted off the world's grid (as the audio codec's ``OFF_GRID_RANGE``), train its
+    decoder for ``steps`` batches (half of the clips shifted) to predict the clips' log-magnitudes
+    from the codes (the audio codec's ``spectral_loss``), and save it.
 
     Deterministic for a given seed and thread count. ``pretrain_metrics.json`` holds, on
     ``EVAL_CLIPS`` fresh clips: the share of clusters in use, the label purity (share of code frames
-    whose (kind, pitch) label, or silence, is their cluster's majority label on the k-means clips),
-    the decoder's log-magnitude MSE and ``pitch_kept`` (decoded dominant frequency within 10%).
+    whose (kind, pitch) label, or silence, is their cluster's majority label on the unshifted k-means
+    clips), the decoder's log-magnitude MSE, ``pitch_kept`` (share of events whose decoded dominant
+    frequency is within 10%) and ``pitch_median_error``; ``held_out_events`` the same on one-event
+    clips of the events ``allowed`` rejects, if any.
     ``progress(step, steps, {"loss": float})`` is called after every decoder step.
     """
     from mmfuse.codecs import save_codec
@@ -171,18 +178,25 @@ def pretrain_semantic_audio(
     torch.manual_seed(seed)
     rng = random.Random(seed)
     path = resolve_path(audio_encoder)
-    whisper = transformers.WhisperModel.from_pretrained(path)
+    bars = transformers.utils.logging.is_progress_bar_enabled()
+    transformers.utils.logging.disable_progress_bar()  # from_pretrained would draw one under the build's
+    try:
+        whisper = transformers.WhisperModel.from_pretrained(path)
+    finally:
+        if bars:
+            transformers.utils.logging.enable_progress_bar()
     codec = SemanticAudioCodec(encoder=config_dict(whisper.config), **(codec_settings or {}))
     codec.encoder.load_state_dict(whisper.get_encoder().state_dict())
     codec._processor = transformers.AutoFeatureExtractor.from_pretrained(path)
 
     clips, waves = world_clips(rng, kmeans_clips, allowed)
-    features = torch.cat([codec.features(_features(codec._processor, waves[i : i + 64])) for i in range(0, len(waves), 64)])
+    shifted = world_clips(rng, kmeans_clips, allowed, off_grid=1.0)[1]
+    features = _pooled(codec, waves)
     kmeans = MiniBatchKMeans(codec.codebook_size, random_state=seed, batch_size=2048, n_init=3)
-    kmeans.fit(features.flatten(0, 1).numpy())
+    kmeans.fit(torch.cat([features, _pooled(codec, shifted)]).flatten(0, 1).numpy())
     codec.centroids.copy_(torch.from_numpy(kmeans.cluster_centers_))
-    majority = {}
-    for code, label in zip(kmeans.predict(features.flatten(0, 1).numpy()), _labels(clips, codec.frames)):
+    majority: dict[int, Counter] = {}
+    for code, label in zip(kmeans.predict(features.flatten(0, 1).numpy()).tolist(), _labels(clips, codec.frames)):
         majority.setdefault(code, Counter())[label] += 1
 
     params = [*codec.embed.parameters(), *codec.decoder.parameters()]
@@ -193,9 +207,9 @@ def pretrain_semantic_audio(
     )
     codec.train()
     for step in range(1, steps + 1):
-        _, waves = world_clips(rng, batch_size, allowed)
+        _, waves = world_clips(rng, batch_size, allowed, off_grid=OFF_GRID_FRACTION)
         codes = codec.encode(_features(codec._processor, waves))
-        loss = F.mse_loss(codec.decode_spectrogram(codes), code_frame_spectra(codec.spectrogram, waves, codec.stride))
+        loss = spectral_loss(codec.decode_spectrogram(codes), code_frame_spectra(codec.spectrogram, waves, codec.stride))[0]
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -206,13 +220,7 @@ def pretrain_semantic_audio(
     train_seconds = time.perf_counter() - start
 
     codec.eval()
-    eval_clips, eval_waves = world_clips(random.Random(f"semantic_audio-eval-{seed}"), EVAL_CLIPS, allowed)
-    with torch.no_grad():
-        codes = torch.cat([codec.encode(_features(codec._processor, eval_waves[i : i + 64])) for i in range(0, EVAL_CLIPS, 64)])
-        spectra = torch.cat([codec.decode_spectrogram(codes[i : i + 64]) for i in range(0, EVAL_CLIPS, 64)])
-        decoded = torch.cat([to_wave(codec.spectrogram, spectra[i : i + 64]) for i in range(0, EVAL_CLIPS, 64)])
-    labels = _labels(eval_clips, codec.frames)
-    predicted = [majority[c].most_common(1)[0][0] if c in majority else -1 for c in codes.flatten().tolist()]
+    eval_rng = random.Random(f"semantic_audio-eval-{seed}")
     metrics = {
         "seed": seed,
         "steps": steps,
@@ -221,11 +229,32 @@ def pretrain_semantic_audio(
         "audio_encoder": audio_encoder,
         "train_seconds": round(train_seconds, 1),
         "eval_clips": EVAL_CLIPS,
-        "cluster_usage": round(codes.unique().numel() / codec.codebook_size, 4),
-        "label_purity": round(float(np.mean(np.asarray(predicted) == labels)), 4),
-        "log_magnitude_mse": round(F.mse_loss(spectra, code_frame_spectra(codec.spectrogram, eval_waves, codec.stride)).item(), 4),
-        "pitch_kept": pitch_kept(eval_waves.numpy(), decoded.numpy(), eval_clips),
+        **_evaluate(codec, majority, *world_clips(eval_rng, EVAL_CLIPS, allowed)),
     }
+    if allowed is not None:
+        held_out = lambda e: not allowed(e)  # noqa: E731
+        metrics["held_out_events"] = _evaluate(codec, majority, *world_clips(eval_rng, EVAL_CLIPS, held_out, n_events=1))
     out_dir = save_codec(codec, out_dir)
     (out_dir / "pretrain_metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     return out_dir
+
+
+def _pooled(codec: SemanticAudioCodec, waves: torch.Tensor, batch: int = 64) -> torch.Tensor:
+    """Waves (B, S) -> pooled encoder frames (B, F, d_model)."""
+    return torch.cat([codec.features(_features(codec.processor(), waves[i : i + batch])) for i in range(0, len(waves), batch)])
+
+
+@torch.no_grad()
+def _evaluate(codec: SemanticAudioCodec, majority: dict[int, Counter], clips: list[Clip], waves: torch.Tensor, batch: int = 64) -> dict:
+    """Cluster usage, label purity against ``majority`` (code -> label counts), log-magnitude MSE and
+    :func:`pitch_metrics` of the decoded waves."""
+    codes = torch.cat([codec.encode(_features(codec.processor(), waves[i : i + batch])) for i in range(0, len(waves), batch)])
+    spectra = torch.cat([codec.decode_spectrogram(codes[i : i + batch]) for i in range(0, len(codes), batch)])
+    decoded = torch.cat([to_wave(codec.spectrogram, spectra[i : i + batch]) for i in range(0, len(spectra), batch)])
+    predicted = [majority[c].most_common(1)[0][0] if c in majority else -1 for c in codes.flatten().tolist()]
+    return {
+        "cluster_usage": round(codes.unique().numel() / codec.codebook_size, 4),
+        "label_purity": round(float(np.mean(np.asarray(predicted) == _labels(clips, codec.frames))), 4),
+        "log_magnitude_mse": round(F.mse_loss(spectra, code_frame_spectra(codec.spectrogram, waves, codec.stride)).item(), 4),
+        **pitch_metrics(waves.numpy(), decoded.numpy(), clips),
+    }
