@@ -18,11 +18,13 @@ Environment variables:
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import os
 import shutil
 import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -84,6 +86,23 @@ def _steps(name: str) -> int:
     return max(1, round(default * steps_scale()))
 
 
+@contextlib.contextmanager
+def build_progress(label: str) -> Iterator[Callable[[int, int, dict], None]]:
+    """A progress bar on stderr for a build; yields the ``progress(step, steps, metrics)`` callback
+    the builders call after every step."""
+    with Progress(
+        TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+        TimeElapsedColumn(), console=Console(stderr=True),
+    ) as bar:
+        task = bar.add_task(label, total=None)
+
+        def progress(step: int, steps: int, metrics: dict) -> None:
+            shown = "  ".join(f"{k} {v:.4g}" for k, v in metrics.items())
+            bar.update(task, completed=step, total=steps, description=f"{label}  {shown}")
+
+        yield progress
+
+
 def build(name: str, force: bool = False) -> Path:
     """Return ``world:<name>``'s cached directory, building it (again, with ``force``) when needed."""
     builder, target = _builder(name), backbone_dir(name)
@@ -92,16 +111,7 @@ def build(name: str, force: bool = False) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
-        with Progress(
-            TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-            TimeElapsedColumn(), console=Console(stderr=True),
-        ) as bar:
-            task = bar.add_task(f"{PREFIX}{name}", total=None)
-
-            def progress(step: int, steps: int, metrics: dict) -> None:
-                shown = "  ".join(f"{k} {v:.4g}" for k, v in metrics.items())
-                bar.update(task, completed=step, total=steps, description=f"{PREFIX}{name}  {shown}")
-
+        with build_progress(f"{PREFIX}{name}") as progress:
             with torch.random.fork_rng(devices=[]):  # a first-use build must not change the caller's RNG
                 builder(tmp, seed=SEED, steps=_steps(name), progress=progress)
         if target.is_dir():

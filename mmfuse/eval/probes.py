@@ -618,7 +618,7 @@ def _read_info(directory: Path) -> dict | None:
 
 def build_probe(modality: str, force: bool = False) -> Path:
     """Return the ``modality`` probe's cached directory, training it (again, with ``force``) when needed."""
-    from mmfuse.backbones.world import steps_scale
+    from mmfuse.backbones.world import build_progress, steps_scale
 
     _, train, default_steps = _entry(modality)
     target = probe_dir(modality)
@@ -627,19 +627,7 @@ def build_probe(modality: str, force: bool = False) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
-        from rich.console import Console
-        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-
-        with Progress(
-            TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-            TimeElapsedColumn(), console=Console(stderr=True),
-        ) as bar:
-            task = bar.add_task(f"{modality} probe", total=None)
-
-            def progress(step: int, steps: int, metrics: dict) -> None:
-                shown = "  ".join(f"{k} {v:.4g}" for k, v in metrics.items())
-                bar.update(task, completed=step, total=steps, description=f"{modality} probe  {shown}")
-
+        with build_progress(f"{modality} probe") as progress:
             scale = steps_scale()
             eval_items = EVAL_ITEMS if scale >= 1 else max(16, round(EVAL_ITEMS * scale))  # a quick build, a quick check
             probe, metrics = train(seed=SEED, steps=max(1, round(default_steps * scale)), eval_items=eval_items, progress=progress)
