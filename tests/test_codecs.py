@@ -186,15 +186,25 @@ def test_spectral_loss_penalises_a_faint_plateau_in_place_of_a_peak():
     assert mse == torch.mean((plateau - target) ** 2) and loss - mse > 0.9  # nearly all the peak's energy is missing
 
 
-def test_off_grid_clips_sound_away_from_every_world_pitch():
+def _log_centroid(wave: np.ndarray) -> float:
+    """Power-weighted mean log-frequency (Hz) of the whole wave's spectrum, over bins within 20 dB of the peak."""
+    power = np.abs(np.fft.rfft(wave)) ** 2
+    freqs = np.fft.rfftfreq(len(wave), 1 / 16000)
+    keep = (power >= power.max() / 100) & (freqs > 0)
+    return float(2 ** ((np.log2(freqs[keep]) * power[keep]).sum() / power[keep].sum()))
+
+
+def test_shifted_clips_never_play_a_held_out_pair():
     rng = random.Random(0)
-    for _ in range(20):
-        _, wave = audio_module.world_clips(rng, 1, lambda e: e.kind == "tone", n_events=1, off_grid=1.0)
-        spectrum = np.abs(np.fft.rfft(wave[0].numpy()))
-        peak = np.fft.rfftfreq(wave.shape[1], 1 / 16000)[spectrum.argmax()]
-        assert min(abs(np.log(peak / hz)) for hz in sounds.PITCH_HZ.values()) > np.log(1.2), peak
-    _, on_grid = audio_module.world_clips(random.Random(1), 4, off_grid=0.0)
-    assert torch.equal(on_grid, audio_module.world_clips(random.Random(1), 4)[1])
+    for kind, held_out_hz in (("chirp", 2700.0), ("noise", 300.0)):  # HELDOUT_SOUNDS
+        centres = []
+        for _ in range(30):
+            clips, wave = audio_module.world_clips(rng, 1, lambda e: e.kind == kind and event_allowed(e), n_events=1, shifted=1.0)
+            centres.append(_log_centroid(wave[0].numpy()))
+            assert abs(np.log(centres[-1] / held_out_hz)) > np.log(1.2), (kind, centres[-1])
+        assert max(centres) > 2 * min(centres)  # the shifts spread the kind over the spectrum
+    _, plain = audio_module.world_clips(random.Random(1), 4, shifted=0.0)
+    assert torch.equal(plain, audio_module.world_clips(random.Random(1), 4)[1])
 
 
 def test_audio_codec_trains_saves_and_loads(tmp_path):

@@ -31,15 +31,16 @@ DEFAULT_STEPS = 1000
 EVAL_CLIPS = 128
 PITCH_TOLERANCE = 0.1  # a decoded event keeps its pitch when its dominant frequency is within 10%
 # Augmentation for held-out (kind, pitch) pairs, which training clips never contain: a share
-# OFF_GRID_FRACTION of training clips is resampled so that its first event's centre frequency moves to
-# a random OFF_GRID_RANGE frequency at least OFF_GRID_MARGIN (a factor) from every world pitch; as the
-# world's pitches are a factor 3 apart, every other event of the clip lands off the grid too (the
-# margin covers the 5% pitch jitter). Having heard each kind at many other pitches, the codec also
-# reproduces the held-out pairs (a low noise, a high chirp).
-OFF_GRID_FRACTION = 0.5
-OFF_GRID_RANGE = (120.0, 5500.0)  # Hz
-OFF_GRID_MARGIN = 1.32
-OFF_GRID_MAX_FACTOR = 6.0  # resampling factors beyond 1/6..6 squeeze or stretch events too much
+# SHIFT_FRACTION of training clips is resampled (pitch and time scaled together) so that its first
+# event's centre frequency moves to a random SHIFT_RANGE frequency. A shift is redrawn while it
+# would put any event of the clip within SHIFT_MARGIN (a factor; it covers the 5% pitch jitter) of a
+# world pitch at which its kind is not allowed, so a shifted clip never plays a held-out pair. Having
+# heard each kind at many pitches, the codec also reproduces the held-out pairs (a low noise, a high
+# chirp) instead of snapping them to the nearest familiar sound.
+SHIFT_FRACTION = 0.5
+SHIFT_RANGE = (120.0, 5500.0)  # Hz
+SHIFT_MARGIN = 1.32
+SHIFT_MAX_FACTOR = 6.0  # resampling factors beyond 1/6..6 squeeze or stretch events too much
 
 
 class Spectrogram:
@@ -230,30 +231,36 @@ def to_wave(spectrogram: Spectrogram, log_magnitude: torch.Tensor) -> torch.Tens
 
 
 def world_clips(
-    rng: random.Random, n: int, allowed: Callable[[Event], bool] | None = None, *, n_events: int | None = None, off_grid: float = 0.0
+    rng: random.Random, n: int, allowed: Callable[[Event], bool] | None = None, *, n_events: int | None = None, shifted: float = 0.0
 ) -> tuple[list[Clip], torch.Tensor]:
     """``n`` fresh clips of events passing ``allowed`` and their waves (n, 32000), jittered and noisy.
-    A share ``off_grid`` of the waves is resampled (pitch and time scaled together around the first
-    event's start, which stays in the clip) so that its events sound off the world's pitch grid (see
-    ``OFF_GRID_RANGE``); their clips no longer describe them."""
+    A share ``shifted`` of the waves is resampled by :func:`shift_factor` around the first event's
+    start (which stays in the clip); their clips then name the events' kinds but not their pitches."""
     clips = [sounds.sample_clip(rng, n_events=n_events, allowed=allowed) for _ in range(n)]
     waves = [sounds.synthesize(clip, rng=rng) for clip in clips]
     for i, clip in enumerate(clips):
-        if rng.random() < off_grid:
-            factor = _off_grid_factor(rng, sounds.PITCH_HZ[clip.events[0].pitch])
+        if rng.random() < shifted:
+            factor = shift_factor(rng, clip, allowed)
             positions, anchor = np.arange(len(waves[i])), clip.events[0].start * sounds.SAMPLE_RATE
             waves[i] = np.interp(anchor + (positions - anchor) * factor, positions, waves[i], left=0.0, right=0.0).astype(np.float32)
     return clips, torch.from_numpy(np.stack(waves))
 
 
-def _off_grid_factor(rng: random.Random, hz: float) -> float:
-    """A resampling factor that moves ``hz`` to a random off-grid frequency of ``OFF_GRID_RANGE``."""
-    low, high = (math.log(f) for f in OFF_GRID_RANGE)
+def shift_factor(rng: random.Random, clip: Clip, allowed: Callable[[Event], bool] | None = None) -> float:
+    """A pitch-shift factor moving the clip's first event to a random ``SHIFT_RANGE`` frequency, such
+    that no event lands within ``SHIFT_MARGIN`` of a world pitch its kind is not ``allowed`` at."""
+    low, high = (math.log(f) for f in SHIFT_RANGE)
+    first = sounds.PITCH_HZ[clip.events[0].pitch]
     while True:
-        target = math.exp(rng.uniform(low, high))
-        off_grid = all(abs(math.log(target / pitch)) >= math.log(OFF_GRID_MARGIN) for pitch in sounds.PITCH_HZ.values())
-        if off_grid and 1 / OFF_GRID_MAX_FACTOR <= target / hz <= OFF_GRID_MAX_FACTOR:
-            return target / hz
+        factor = math.exp(rng.uniform(low, high)) / first
+        if not 1 / SHIFT_MAX_FACTOR <= factor <= SHIFT_MAX_FACTOR:
+            continue
+        near = [
+            (event, pitch) for event in clip.events for pitch, hz in sounds.PITCH_HZ.items()
+            if abs(math.log(sounds.PITCH_HZ[event.pitch] * factor / hz)) < math.log(SHIFT_MARGIN)
+        ]
+        if allowed is None or all(allowed(Event(e.kind, pitch, e.duration, 0.0)) for e, pitch in near):
+            return factor
 
 
 def dominant_frequency(wave: np.ndarray, event: Event, sampling_rate: int = sounds.SAMPLE_RATE) -> float:
@@ -302,8 +309,8 @@ def pretrain_audio_codec(
     ``EVAL_CLIPS`` fresh clips: the log-magnitude MSE, the share of events whose decoded waveform
     keeps its dominant frequency within 10% (``pitch_kept``, per kind too), the median relative
     frequency error and each codebook's share of codes in use; ``held_out_events`` the same on
-    one-event clips of the events ``allowed`` rejects, if any. A share ``OFF_GRID_FRACTION`` of the
-    training clips is pitch-shifted off the world's grid (see ``OFF_GRID_RANGE``).
+    one-event clips of the events ``allowed`` rejects, if any. A share ``SHIFT_FRACTION`` of the
+    training clips is pitch-shifted (see :func:`shift_factor`).
     ``progress(step, steps, {"loss": float, "mse": float})`` is called after every step.
     """
     from mmfuse.codecs import save_codec
@@ -321,7 +328,7 @@ def pretrain_audio_codec(
     )
     codec.train()
     for step in range(1, steps + 1):
-        target = codec.target(world_clips(rng, batch_size, allowed, off_grid=OFF_GRID_FRACTION)[1])
+        target = codec.target(world_clips(rng, batch_size, allowed, shifted=SHIFT_FRACTION)[1])
         quantized, _, commitment = codec.quantize(target)
         spectral, mse = spectral_loss(codec.decoder(quantized), target)
         loss = spectral + commitment

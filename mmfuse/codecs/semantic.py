@@ -29,7 +29,7 @@ from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
 from mmfuse.backbones.loading import config_dict, default_processor, hf_config_from_dict, resolve_path
 from mmfuse.codecs.audio import (
-    EVAL_CLIPS, OFF_GRID_FRACTION, Spectrogram, SpectrogramDecoder, code_frame_spectra, pitch_metrics, spectral_loss, to_wave,
+    EVAL_CLIPS, SHIFT_FRACTION, Spectrogram, SpectrogramDecoder, code_frame_spectra, pitch_metrics, spectral_loss, to_wave,
     world_clips,
 )
 from mmfuse.codecs.base import MediaCodec
@@ -158,7 +158,7 @@ def pretrain_semantic_audio(
 ) -> Path:
     """Fit the centroids of a :class:`SemanticAudioCodec` on ``audio_encoder`` (a Whisper checkpoint,
     ``world:<name>`` resolved) over ``kmeans_clips`` fresh world clips of ``allowed`` events and as
-    many pitch-shifted off the world's grid (as the audio codec's ``OFF_GRID_RANGE``), train its
+    many pitch-shifted ones (the audio codec's ``shift_factor``), train its
     decoder for ``steps`` batches (half of the clips shifted) to predict the clips' log-magnitudes
     from the codes (the audio codec's ``spectral_loss``), and save it.
 
@@ -190,7 +190,7 @@ def pretrain_semantic_audio(
     codec._processor = transformers.AutoFeatureExtractor.from_pretrained(path)
 
     clips, waves = world_clips(rng, kmeans_clips, allowed)
-    shifted = world_clips(rng, kmeans_clips, allowed, off_grid=1.0)[1]
+    shifted = world_clips(rng, kmeans_clips, allowed, shifted=1.0)[1]
     features = _pooled(codec, waves)
     kmeans = MiniBatchKMeans(codec.codebook_size, random_state=seed, batch_size=2048, n_init=3)
     kmeans.fit(torch.cat([features, _pooled(codec, shifted)]).flatten(0, 1).numpy())
@@ -207,7 +207,7 @@ def pretrain_semantic_audio(
     )
     codec.train()
     for step in range(1, steps + 1):
-        _, waves = world_clips(rng, batch_size, allowed, off_grid=OFF_GRID_FRACTION)
+        _, waves = world_clips(rng, batch_size, allowed, shifted=SHIFT_FRACTION)
         codes = codec.encode(_features(codec._processor, waves))
         loss = spectral_loss(codec.decode_spectrogram(codes), code_frame_spectra(codec.spectrogram, waves, codec.stride))[0]
         optimizer.zero_grad(set_to_none=True)
