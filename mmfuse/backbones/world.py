@@ -73,12 +73,17 @@ def _builder(name: str):
     return WORLD_BACKBONES[name]
 
 
+def scaled_leaf(name: str) -> str:
+    """``name``, or ``name-steps<scale>`` under a steps scale other than 1, so a quick, weak build
+    never shadows the full one."""
+    scale = steps_scale()
+    return name if scale == 1 else f"{name}-steps{scale:g}"
+
+
 def backbone_dir(name: str) -> Path:
     """Where ``world:<name>`` is (or will be) cached under the current steps scale."""
     _builder(name)
-    scale = steps_scale()
-    leaf = name if scale == 1 else f"{name}-steps{scale:g}"
-    return cache_dir() / "world" / f"v{WORLD_VERSION}" / leaf
+    return cache_dir() / "world" / f"v{WORLD_VERSION}" / scaled_leaf(name)
 
 
 def _steps(name: str) -> int:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
-import math
 import random
 import time
 from dataclasses import dataclass
@@ -28,6 +27,7 @@ from torch import nn
 from transformers import ViTConfig, ViTImageProcessorPil, ViTModel
 from transformers.utils import logging as hf_logging
 
+from mmfuse.backbones.schedules import warmup_cosine
 from mmfuse.data.synth import video
 from mmfuse.data.synth.scenes import (
     BACKGROUND_RGB, COLOUR_RGB, COLOURS, GRID, IMAGE_SIZE, PATCH_SIZE, SHAPES, SIZES,
@@ -238,10 +238,7 @@ def pretrain_vision_encoder(
     heads = _DenseHeads(model.config.hidden_size)
     params = list(model.parameters()) + list(heads.parameters())
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
-    warmup = max(1, steps // 20)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda i: min((i + 1) / warmup, 0.5 * (1 + math.cos(math.pi * i / steps)))
-    )
+    schedule = warmup_cosine(optimizer, steps)
     model.train()
     for step in range(1, steps + 1):
         images, targets = _examples(rng, batch_size, allowed, video_fraction=VIDEO_FRACTION, augment=True)

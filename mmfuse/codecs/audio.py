@@ -23,6 +23,7 @@ from torch import nn
 from transformers import Wav2Vec2FeatureExtractor
 from vector_quantize_pytorch import ResidualVQ
 
+from mmfuse.backbones.schedules import warmup_cosine
 from mmfuse.codecs.base import MediaCodec
 from mmfuse.data.synth import sounds
 from mmfuse.data.synth.sounds import Clip, Event
@@ -322,10 +323,7 @@ def pretrain_audio_codec(
     rng = random.Random(seed)
     codec = AudioCodec(**(codec_settings or {}))
     optimizer = torch.optim.AdamW(codec.parameters(), lr=lr, weight_decay=0.0)
-    warmup = max(1, steps // 20)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda i: min((i + 1) / warmup, 0.5 * (1 + math.cos(math.pi * i / steps)))
-    )
+    schedule = warmup_cosine(optimizer, steps)
     codec.train()
     for step in range(1, steps + 1):
         target = codec.target(world_clips(rng, batch_size, allowed, shifted=SHIFT_FRACTION)[1])

@@ -28,6 +28,7 @@ from torch import nn
 from transformers import ViTImageProcessorPil
 from vector_quantize_pytorch import FSQ, VectorQuantize
 
+from mmfuse.backbones.schedules import warmup_cosine
 from mmfuse.backbones.world_vision import _off_palette_rgb
 from mmfuse.codecs.base import MediaCodec
 from mmfuse.data.synth import video
@@ -264,10 +265,7 @@ def pretrain_image_codec(
     rng = random.Random(seed)
     codec = ImageCodec(**(codec_settings or {}))
     optimizer = torch.optim.AdamW(codec.parameters(), lr=lr, weight_decay=0.0)
-    warmup = max(1, steps // 20)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda i: min((i + 1) / warmup, 0.5 * (1 + math.cos(math.pi * i / steps)))
-    )
+    schedule = warmup_cosine(optimizer, steps)
     codec.train()
     for step in range(1, steps + 1):
         pixels = pixel_values(world_images(rng, batch_size, allowed, recolour=RECOLOUR_PROB))

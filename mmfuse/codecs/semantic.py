@@ -12,7 +12,6 @@ centroids on the world's encoder (``world:audio``) and trains the decoder.
 from __future__ import annotations
 
 import json
-import math
 import random
 import time
 from collections import Counter
@@ -28,6 +27,7 @@ from torch import nn
 from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
 from mmfuse.backbones.loading import config_dict, default_processor, hf_config_from_dict, resolve_path
+from mmfuse.backbones.schedules import warmup_cosine
 from mmfuse.codecs.audio import (
     EVAL_CLIPS, SHIFT_FRACTION, Spectrogram, SpectrogramDecoder, code_frame_spectra, pitch_metrics, spectral_loss, to_wave,
     world_clips,
@@ -201,10 +201,7 @@ def pretrain_semantic_audio(
 
     params = [*codec.embed.parameters(), *codec.decoder.parameters()]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    warmup = max(1, steps // 20)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda i: min((i + 1) / warmup, 0.5 * (1 + math.cos(math.pi * i / steps)))
-    )
+    schedule = warmup_cosine(optimizer, steps)
     codec.train()
     for step in range(1, steps + 1):
         _, waves = world_clips(rng, batch_size, allowed, shifted=SHIFT_FRACTION)

@@ -54,6 +54,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from mmfuse.backbones.schedules import warmup_cosine
 from mmfuse.data.synth import scenes, sounds
 from mmfuse.data.synth.heldout import event_is_heldout, sample_heldout, scene_is_heldout
 
@@ -473,10 +474,7 @@ def _train(
     gen = torch.Generator().manual_seed(seed)
     params = list(probe.parameters())
     optimizer = torch.optim.AdamW(params, lr=LEARNING_RATE, weight_decay=1e-4)
-    warmup = max(1, steps // 20)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min((s + 1) / warmup, 0.5 * (1 + math.cos(math.pi * min(s / steps, 1.0))))
-    )
+    schedule = warmup_cosine(optimizer, steps)
     probe.train()
     for step in range(1, steps + 1):
         media, labels = make_batch(batch_size, rng, empty_fraction=EMPTY_FRACTION)
@@ -598,12 +596,10 @@ def _entry(modality: str):
 
 def probe_dir(modality: str) -> Path:
     """Where the ``modality`` probe is (or will be) cached under the current steps scale."""
-    from mmfuse.backbones.world import cache_dir, steps_scale
+    from mmfuse.backbones.world import cache_dir, scaled_leaf
 
     _entry(modality)
-    scale = steps_scale()
-    leaf = modality if scale == 1 else f"{modality}-steps{scale:g}"
-    return cache_dir() / "world" / "probes" / leaf
+    return cache_dir() / "world" / "probes" / scaled_leaf(modality)
 
 
 def _read_info(directory: Path) -> dict | None:
