@@ -35,10 +35,11 @@ from .config import MultimodalConfig
 from .connectors import Connector
 from .data.collate import Collator
 from .data.media import MediaProcessor
-from .data.processor import Processor
+from .data.processor import IGNORE_INDEX, Processor
 from .data.schema import MARKERS, Sample
 from .fusion import build_fusion
 from .fusion.constraints import MediaSpans, split_media_spans
+from .safe_loading import require_safetensors
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -74,7 +75,7 @@ class MultimodalLM(nn.Module):
             self.fusion.layout,
             max_length=config.max_length,
             chat_template=config.chat_template,
-            on_overflow=config.on_overflow,
+            on_bad_sample=config.on_bad_sample,
             label_media=self.fusion.labels_media,
             task_prefixes=config.task_prefixes,
         )
@@ -126,8 +127,10 @@ class MultimodalLM(nn.Module):
 
     @classmethod
     def from_pretrained(cls, directory: str | Path) -> "MultimodalLM":
-        """Load a checkpoint written by :meth:`save_pretrained` (JSON + safetensors only)."""
+        """Load a checkpoint written by :meth:`save_pretrained` (JSON + safetensors only; pickle-based
+        weights are refused with :class:`~mmfuse.safe_loading.UnsafeCheckpoint`)."""
         directory = Path(directory)
+        require_safetensors(directory, WEIGHTS_NAME)
         if not cls.is_checkpoint(directory):
             raise FileNotFoundError(
                 f"{directory} is not an mmfuse checkpoint: it needs {WEIGHTS_NAME} and a {CONFIG_NAME} written by save_pretrained"
@@ -255,18 +258,29 @@ class MultimodalLM(nn.Module):
     def llm_inputs(self, input_ids: torch.Tensor, media: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
         return self.fusion.llm_inputs(self.llm, input_ids, self.encode_media(media or {}))
 
-    def forward(self, input_ids, attention_mask=None, labels=None, media=None, ids=None, **llm_kwargs):
+    def forward(self, input_ids, attention_mask=None, labels=None, media=None, ids=None, num_items_in_batch=None, skipped=None,
+                **llm_kwargs):
         """Logits ``(B, L, vocab)`` and, with ``labels``, the next-token loss on labelled positions (plus
-        the fusion's auxiliary loss, e.g. an MoE balance loss)."""
+        the fusion's auxiliary loss, e.g. an MoE balance loss).
+
+        ``num_items_in_batch``: the labelled positions of the whole global batch (all processes and
+        micro-batches); the loss is then this batch's summed token loss over it, and the auxiliary loss
+        is weighted by this batch's share of the labelled positions, so that summing the losses of
+        every part of a global batch gives the loss of the global batch in one piece. ``ids`` and
+        ``skipped`` are the collator's bookkeeping (sample ids, records of skipped samples), unused here."""
         try:
             inputs = self.llm_inputs(input_ids, media)
         except ValueError as err:
             raise ValueError(f"batch {ids or '?'}: {err}") from err
         if labels is not None:
             labels = self.fusion.labels(labels, inputs)
+        if num_items_in_batch is not None:
+            llm_kwargs["num_items_in_batch"] = num_items_in_batch
         output = self.llm(attention_mask=attention_mask, labels=labels, **inputs, **llm_kwargs)
         auxiliary = self.fusion.auxiliary_loss()
         if output.loss is not None and auxiliary is not None:
+            if num_items_in_batch is not None:
+                auxiliary = auxiliary * (labels[:, 1:] != IGNORE_INDEX).sum() / num_items_in_batch
             output.loss = output.loss + auxiliary
         return output
 

@@ -54,7 +54,7 @@ class TinyMM(nn.Module):
             groups.setdefault("llm" if parts[0] == "llm" else ".".join(parts[:2]), []).append((name, p))
         return groups
 
-    def forward(self, input_ids, attention_mask, labels, media):
+    def forward(self, input_ids, attention_mask, labels, media, num_items_in_batch=None):
         image = self.connectors["image"](self.encoders["image"](media["image"]))
         embeds = torch.cat([image, self.llm.get_input_embeddings()(input_ids)], dim=1)
         ones = torch.ones(image.shape[:2], dtype=attention_mask.dtype)
@@ -63,6 +63,7 @@ class TinyMM(nn.Module):
             inputs_embeds=embeds,
             attention_mask=torch.cat([ones, attention_mask], dim=1),
             labels=torch.cat([ignore, labels], dim=1),
+            num_items_in_batch=num_items_in_batch,
         )
 
     def save_pretrained(self, directory) -> None:
@@ -76,12 +77,18 @@ def make_dataset(n: int, seed: int) -> list[dict[str, torch.Tensor]]:
     return [{"input_ids": ids[i], "image": image[i]} for i in range(n)]
 
 
-def collate(items: list[dict[str, torch.Tensor]], dtype: torch.dtype = torch.float32) -> dict:
+def collate(items: list[dict[str, torch.Tensor]], dtype: torch.dtype = torch.float32, ragged: bool = False) -> dict:
+    """A batch of ``items``; ``ragged``: each sample has its own number of labelled tokens (1 to 4)."""
     ids = torch.stack([it["input_ids"] for it in items])
+    labels = ids.clone()
+    labels[:, 0] = -100  # TinyMM puts the image first, so the text's first token is never a target
+    if ragged:
+        for row, first in enumerate(ids[:, 0].tolist()):
+            labels[row, : 2 + first % 4] = -100
     return {
         "input_ids": ids,
         "attention_mask": torch.ones_like(ids),
-        "labels": ids.clone(),
+        "labels": labels,
         "media": {"image": torch.stack([it["image"] for it in items]).to(dtype)},
     }
 
@@ -288,13 +295,14 @@ def test_warmup_stable_decay_schedule():
 
 
 def test_grad_accum_matches_bigger_batch(tmp_path):
+    """Micro-batches with different numbers of labelled tokens: every token weighs the same."""
     def run(batch_size, grad_accum, out):
         model = TinyMM(dropout=0.0).double()
         stage = StageConfig(
             name="s", train=["connectors", "llm"], data=["caps"], steps=3, lr=1e-3, batch_size=batch_size, grad_accum=grad_accum
         )
         config = TrainConfig(stages=[stage], output_dir=str(out), log_every=1)
-        trainer(model, config, lambda items: collate(items, torch.float64)).train()
+        trainer(model, config, lambda items: collate(items, torch.float64, ragged=True)).train()
         return {n: p.detach() for n, p in model.named_parameters()}
 
     accumulated, big = run(2, 2, tmp_path / "accum"), run(4, 1, tmp_path / "big")

@@ -101,8 +101,8 @@ def load_weights(model: nn.Module, path: Path) -> None:
             params[name].copy_(tensor)
 
 
-def save_optimizer(directory: Path, optimizer: torch.optim.Optimizer, names: list[str]) -> None:
-    state = optimizer.state_dict()
+def save_optimizer(directory: Path, state: dict, names: list[str]) -> None:
+    """Write an ``optimizer.state_dict()``-shaped ``state`` over the parameters ``names``."""
     tensors, plain = {}, {}
     for index, entries in state["state"].items():
         plain[str(index)] = {}
@@ -116,7 +116,9 @@ def save_optimizer(directory: Path, optimizer: torch.optim.Optimizer, names: lis
     save_json(directory / "optimizer.json", meta)
 
 
-def load_optimizer(directory: Path, optimizer: torch.optim.Optimizer, names: list[str]) -> None:
+def read_optimizer(directory: Path, optimizer: torch.optim.Optimizer, names: list[str]) -> dict:
+    """The ``optimizer.state_dict()``-shaped state :func:`save_optimizer` wrote, checked against the
+    parameters ``names`` that ``optimizer`` (built the same way) updates."""
     meta = load_json(directory / "optimizer.json")
     if meta["param_names"] != names:
         raise ValueError(f"{directory}: the optimizer was saved over other parameters than this stage trains")
@@ -128,7 +130,7 @@ def load_optimizer(directory: Path, optimizer: torch.optim.Optimizer, names: lis
         {k: tuple(v) if isinstance(current.get(k), tuple) else v for k, v in saved.items()}  # JSON made tuples lists
         for saved, current in zip(meta["param_groups"], optimizer.param_groups, strict=True)
     ]
-    optimizer.load_state_dict({"state": state, "param_groups": groups})
+    return {"state": state, "param_groups": groups}
 
 
 def save_rng(directory: Path, rank: int) -> None:

@@ -15,6 +15,7 @@ from mmfuse.config import JsonConfig
 MIXED_PRECISION = ("no", "bf16", "fp16")
 LR_SCHEDULES = ("cosine", "linear", "constant_with_warmup", "warmup_stable_decay")
 LORA_GROUPS = ("llm", "fusion")
+NONFINITE_LOSS = ("stop", "skip")
 
 
 @dataclass(kw_only=True)
@@ -91,13 +92,17 @@ class StageConfig(JsonConfig):
 @dataclass(kw_only=True)
 class TrainConfig(JsonConfig):
     """A run: stages in order, the seed, and how often to log and checkpoint (in optimizer steps,
-    counted over the whole run)."""
+    counted over the whole run). ``nonfinite_loss``: what a step whose loss or gradient norm is NaN or
+    infinite does: ``"stop"`` raises naming the step and its samples; ``"skip"`` drops that step's
+    update (the optimizer, schedule and step count do not move; the data does) and counts it in
+    ``metrics.jsonl`` and the run's summary."""
 
     stages: list[StageConfig]
     seed: int = 0
     save_every: int = 50
     log_every: int = 10
     keep_checkpoints: int = 2
+    nonfinite_loss: str = "stop"
     output_dir: str
 
     def __post_init__(self):
@@ -106,6 +111,8 @@ class TrainConfig(JsonConfig):
         names = [s.name for s in self.stages]
         if len(set(names)) != len(names):
             raise ValueError(f"TrainConfig: stage names must be unique, got {names}")
+        if self.nonfinite_loss not in NONFINITE_LOSS:
+            raise ValueError(f"TrainConfig: nonfinite_loss must be one of {NONFINITE_LOSS}, got {self.nonfinite_loss!r}")
         for key in ("save_every", "log_every", "keep_checkpoints"):
             if getattr(self, key) < 1:
                 raise ValueError(f"TrainConfig: {key} must be >= 1, got {getattr(self, key)}")

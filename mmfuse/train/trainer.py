@@ -44,9 +44,9 @@ from mmfuse.train.checkpoint import (
     latest_checkpoint,
     list_checkpoints,
     load_json,
-    load_optimizer,
     load_rng,
     load_weights,
+    read_optimizer,
     save_json,
     save_optimizer,
     save_rng,
@@ -54,8 +54,17 @@ from mmfuse.train.checkpoint import (
     start_checkpoint,
     temp_dir,
 )
+from mmfuse.data.processor import IGNORE_INDEX
 from mmfuse.train.config import StageConfig, TrainConfig
 from mmfuse.train.lora import lora_parameters, merge_lora
+from mmfuse.train.sharding import (
+    full_tensor,
+    fsdp_requested,
+    gather_parameters,
+    load_optimizer_state,
+    optimizer_state,
+    shard_model,
+)
 from mmfuse.train.stage import apply_stage, group_parameters, optimizer_groups
 
 ExportFn = Callable[[nn.Module, Path], None]
@@ -72,6 +81,7 @@ class Position:
     epoch: int = 0
     batch_in_epoch: int = 0  # the next micro-batch of the epoch
     samples_seen: int = 0
+    nonfinite_skipped: int = 0  # steps dropped for a NaN/infinite loss or gradient norm
     elapsed: float = 0.0
 
 
@@ -85,6 +95,15 @@ def epoch_batches(size: int, batch_size: int, num_processes: int, rank: int, see
     order = torch.randperm(size, generator=torch.Generator().manual_seed(seed)).tolist()
     width = batch_size * num_processes
     return [order[i * width + rank * batch_size : i * width + (rank + 1) * batch_size] for i in range(size // width)]
+
+
+def label_count(batch: dict[str, Any], device: torch.device) -> torch.Tensor:
+    """The labelled next-token positions of a batch (``labels[:, 1:] != -100``), as the loss counts them."""
+    return (batch["labels"][:, 1:] != IGNORE_INDEX).sum().to(device)
+
+
+class NonFiniteLoss(FloatingPointError):
+    """A step's loss or gradient norm was NaN or infinite (``nonfinite_loss: stop``)."""
 
 
 def stage_accelerator(mixed_precision: str) -> Accelerator:
@@ -185,36 +204,56 @@ class Trainer:
         stage = self.config.stages[index]
         accelerator = stage_accelerator(stage.mixed_precision)
         groups = optimizer_groups(self.model, apply_stage(self.model, stage), stage)
-        params = [p for group in groups for p in group["params"]]
-        names = _names(self.model, params)
+        names = _names(self.model, [p for group in groups for p in group["params"]])
         self._set_gradient_checkpointing(stage.gradient_checkpointing)
         if checkpoint is not None:
             load_weights(self.model, checkpoint / WEIGHTS_FILE)
-        model = accelerator.prepare(self.model)
+        sharded = fsdp_requested()
+        if sharded:  # the stage trains a sharded replica; see mmfuse.train.sharding
+            model = shard_model(self.model, accelerator.device, stage.mixed_precision)
+            replica = dict(model.named_parameters())
+            groups = [{**g, "params": [replica[n] for n in _names(self.model, g["params"])]} for g in groups]
+        else:
+            model = accelerator.prepare(self.model)
+        params = [p for group in groups for p in group["params"]]
         optimizer = torch.optim.AdamW(groups, lr=stage.lr, weight_decay=stage.weight_decay)
         scheduler = stage_scheduler(optimizer, stage)
-        optimizer = accelerator.prepare(optimizer)
+        if not sharded:
+            optimizer = accelerator.prepare(optimizer)
         if checkpoint is not None:
-            load_optimizer(checkpoint, optimizer, names)
+            load_optimizer_state(model, optimizer, read_optimizer(checkpoint, optimizer, names), names, sharded)
             scheduler.load_state_dict(load_json(checkpoint / "scheduler.json"))
             if accelerator.scaler is not None:
                 accelerator.scaler.load_state_dict(load_json(checkpoint / "scaler.json"))
             load_rng(checkpoint, accelerator.process_index)  # last: nothing above may draw from it
         else:
             pos.stage_index, pos.stage_step, pos.stage_done, pos.epoch, pos.batch_in_epoch = index, 0, False, 0, 0
+        stage_run = _StageRun(model, optimizer, scheduler, names, sharded)
         batches = self._micro_batches(index, stage, accelerator, pos.epoch, pos.batch_in_epoch)
         max_norm = stage.max_grad_norm if stage.max_grad_norm > 0 else math.inf
         model.train()
         while pos.stage_step < stage.steps:
-            losses = []
-            for micro in range(stage.grad_accum):
-                pos.epoch, pos.batch_in_epoch, batch = next(batches)
+            micro_batches = [next(batches) for _ in range(stage.grad_accum)]
+            pos.epoch, pos.batch_in_epoch = micro_batches[-1][:2]
+            # every labelled token of the global batch weighs the same, whatever process or micro-batch it is in
+            labelled = accelerator.reduce(sum(label_count(b, accelerator.device) for *_, b in micro_batches), "sum")
+            step_loss = torch.zeros((), device=accelerator.device)
+            for micro, (*_, batch) in enumerate(micro_batches):
                 last = micro == stage.grad_accum - 1
-                with nullcontext() if last else accelerator.no_sync(model):
-                    loss = model(**send_to_device(batch, accelerator.device)).loss
-                    accelerator.backward(loss / stage.grad_accum)
-                losses.append(loss.detach().float())
-            grad_norm = accelerator.clip_grad_norm_(params, max_norm)
+                with nullcontext() if last or sharded else accelerator.no_sync(model):
+                    loss = model(**send_to_device(batch, accelerator.device), num_items_in_batch=labelled).loss
+                    # gradients are averaged over processes; the loss is already this process's share
+                    accelerator.backward(loss * accelerator.num_processes)
+                step_loss += loss.detach().float()
+            step_loss = accelerator.reduce(step_loss, "sum")
+            if sharded:
+                grad_norm = full_tensor(torch.nn.utils.clip_grad_norm_(params, max_norm))
+            else:
+                grad_norm = accelerator.clip_grad_norm_(params, max_norm)
+            if not (math.isfinite(step_loss.item()) and math.isfinite(float(grad_norm))):
+                optimizer.zero_grad(set_to_none=True)
+                self._nonfinite(accelerator, stage, pos, step_loss.item(), [i for *_, b in micro_batches for i in b.get("ids", [])])
+                continue
             lr = scheduler.get_last_lr()[0]
             optimizer.step()
             scheduler.step()
@@ -222,21 +261,34 @@ class Trainer:
             pos.stage_step += 1
             pos.global_step += 1
             pos.samples_seen += stage.batch_size * stage.grad_accum * accelerator.num_processes
-            step_loss = torch.stack(losses).mean()
             advance(description=stage.name, loss=step_loss.item())
             if pos.global_step % self.config.log_every == 0 or pos.stage_step == stage.steps:
-                mean_loss = accelerator.reduce(step_loss, "mean").item()
-                self._log(accelerator, stage, pos, loss=mean_loss, lr=lr, grad_norm=float(grad_norm))
+                self._log(accelerator, stage, pos, loss=step_loss.item(), lr=lr, grad_norm=float(grad_norm))
             if pos.stage_step == stage.steps:
-                self.model = accelerator.unwrap_model(model, keep_fp32_wrapper=False)  # also drops the autocast
+                if sharded:
+                    gather_parameters(model, self.model, names)
+                else:
+                    self.model = accelerator.unwrap_model(model, keep_fp32_wrapper=False)  # also drops the autocast
                 for group in stage.lora:
                     merge_lora(self.model.get_submodule(group))
                 pos.stage_done = True
                 self._save(accelerator, pos)
             elif pos.global_step % self.config.save_every == 0:
-                self._save(accelerator, pos, optimizer, scheduler, names)
+                self._save(accelerator, pos, stage_run)
             if self.on_step is not None:
                 self.on_step(accelerator.unwrap_model(model), pos)
+
+    def _nonfinite(self, accelerator: Accelerator, stage: StageConfig, pos: Position, loss: float, ids: list[str]) -> None:
+        """A step with a NaN/infinite loss or gradient norm: stop, or drop its update and count it."""
+        where = f"stage {stage.name!r}, step {pos.stage_step + 1} (epoch {pos.epoch}, batch {pos.batch_in_epoch})"
+        shown = f"samples {ids[:16]}{' ...' if len(ids) > 16 else ''}" if ids else "samples without ids"
+        if self.config.nonfinite_loss == "stop":
+            raise NonFiniteLoss(f"{where}: loss {loss} is not finite on {shown}; set nonfinite_loss: skip to drop such steps")
+        pos.nonfinite_skipped += 1
+        if accelerator.is_main_process:
+            with self.metrics_path.open("a") as f:
+                f.write(json.dumps({"step": pos.global_step, "stage": stage.name, "nonfinite": loss, "ids": ids,
+                                    "nonfinite_skipped": pos.nonfinite_skipped}) + "\n")
 
     def _micro_batches(
         self, index: int, stage: StageConfig, accelerator: Accelerator, epoch: int, start: int
@@ -285,17 +337,14 @@ class Trainer:
             entries += [g for g in ("llm.embeddings", "llm.head") if g in self.model.parameter_groups()]
         return group_parameters(self.model, entries) + lora_parameters(self.model)
 
-    def _save(
-        self,
-        accelerator: Accelerator,
-        pos: Position,
-        optimizer: torch.optim.Optimizer | None = None,
-        scheduler: LRScheduler | None = None,
-        names: list[str] | None = None,
-    ) -> None:
-        """Write a checkpoint. A stage-end one is given no optimizer: the next stage starts a new one."""
+    def _save(self, accelerator: Accelerator, pos: Position, run: "_StageRun | None" = None) -> None:
+        """Write a checkpoint; ``run``: the stage in progress (none at a stage's end: the next stage
+        starts a new optimizer)."""
         pos.elapsed = time.monotonic() - self._clock
         step = pos.global_step
+        if run is not None and run.sharded:  # collectives: every process gathers
+            gather_parameters(run.model, self.model, run.names)
+        optimizer = optimizer_state(run.model, run.optimizer, run.names, run.sharded) if run is not None else None
         if accelerator.is_main_process:
             start_checkpoint(self.checkpoint_dir, step)
         accelerator.wait_for_everyone()
@@ -304,15 +353,16 @@ class Trainer:
         if accelerator.is_main_process:
             changed = dict(self._changed_parameters(pos))  # a name may come from a group and from LoRA
             save_weights(tmp / WEIGHTS_FILE, list(changed.items()))
-            if optimizer is not None:
-                save_optimizer(tmp, optimizer, names)
-                save_json(tmp / "scheduler.json", scheduler.state_dict())
+            if run is not None:
+                save_optimizer(tmp, optimizer, run.names)
+                save_json(tmp / "scheduler.json", run.scheduler.state_dict())
                 if accelerator.scaler is not None:
                     save_json(tmp / "scaler.json", accelerator.scaler.state_dict())
             state = {
                 "position": asdict(pos),
                 "stage_name": self.config.stages[pos.stage_index].name,
                 "num_processes": accelerator.num_processes,
+                "fsdp": fsdp_requested(),  # whether the stage's parameters and optimizer state were sharded
                 "config": self.config.to_dict(),
             }
             save_json(tmp / STATE_FILE, state)
@@ -348,6 +398,18 @@ class Trainer:
         lines = self.metrics_path.read_text().splitlines() if self.metrics_path.exists() else []
         kept = [line for line in lines if json.loads(line)["step"] <= step]
         self.metrics_path.write_text("".join(line + "\n" for line in kept))
+
+
+@dataclass
+class _StageRun:
+    """What a checkpoint inside a stage needs: the (possibly sharded) model, optimizer, schedule, and
+    the names of the parameters the optimizer updates, in its order."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: LRScheduler
+    names: list[str]
+    sharded: bool
 
 
 def _process_state() -> PartialState:
