@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -54,7 +55,7 @@ class TinyMM(nn.Module):
             groups.setdefault("llm" if parts[0] == "llm" else ".".join(parts[:2]), []).append((name, p))
         return groups
 
-    def forward(self, input_ids, attention_mask, labels, media, num_items_in_batch=None):
+    def forward(self, input_ids, attention_mask, labels, media, num_items_in_batch=None, ids=None):
         image = self.connectors["image"](self.encoders["image"](media["image"]))
         embeds = torch.cat([image, self.llm.get_input_embeddings()(input_ids)], dim=1)
         ones = torch.ones(image.shape[:2], dtype=attention_mask.dtype)
@@ -237,13 +238,47 @@ def test_resume_is_bit_identical(reference, tmp_path, resume_from):
     assert [m["step"] for m in metrics] == list(range(1, 13))
 
 
+def _run_and_kill(out, kill_at: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, __file__, str(out), kill_at, str(torch.get_num_threads())],
+                          timeout=120, capture_output=True, text=True)
+
+
+def _metrics(run) -> list[dict]:
+    """``metrics.jsonl`` without the wall-clock field."""
+    return [{k: v for k, v in json.loads(line).items() if k != "elapsed"} for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
 def test_resume_after_sigkill(reference, tmp_path):
     """A run SIGKILLed mid-step inside the LoRA stage (after checkpoint 8) resumes to identical weights."""
-    proc = subprocess.run([sys.executable, __file__, str(tmp_path), "16", str(torch.get_num_threads())], timeout=120)
-    assert proc.returncode == -signal.SIGKILL
+    proc = _run_and_kill(tmp_path, "forward:16")
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     assert [p.name for p in list_checkpoints(tmp_path / "checkpoints")] == ["step-000006", "step-000008"]
     trainer(TinyMM(), staged_config(tmp_path)).train(resume=True)
     assert_identical(exported(tmp_path), exported(reference))
+
+
+@pytest.mark.slow
+def test_random_sigkills_during_steps_and_saves_resume_bit_identical(reference, tmp_path):
+    """Four trials: SIGKILL at a random event (a forward, a checkpoint file write, a checkpoint's rename),
+    resume and SIGKILL again at another random event, then resume to the end. Every trial ends with the
+    uninterrupted run's weights and metrics."""
+    total = int(_run_and_kill(tmp_path / "count", "any:0").stdout.split("events")[-1])
+    rng = random.Random(7)
+    landed = []
+    for trial in range(4):
+        out = tmp_path / f"trial{trial}"
+        for _ in range(2):  # a resumed run's events are counted afresh; past its end it just finishes
+            proc = _run_and_kill(out, f"any:{rng.randint(1, total)}")
+            if proc.returncode == -signal.SIGKILL:
+                landed.append(proc.stdout.split("killed at ")[-1].strip())
+            else:
+                assert proc.returncode == 0, proc.stderr[-2000:]
+        if not (out / "model.safetensors").exists():
+            assert _run_and_kill(out, "any:0").returncode == 0
+        assert_identical(exported(out), exported(reference))
+        assert _metrics(out) == _metrics(reference)
+    print(f"kills: {len(landed)} landed over 4 trials: {landed}")
+    assert len(landed) >= 5 and {"save", "rename"} & set(landed) and "forward" in landed
 
 
 def test_crash_while_saving_leaves_previous_checkpoint(reference, tmp_path, monkeypatch):
@@ -313,6 +348,42 @@ def test_grad_accum_matches_bigger_batch(tmp_path):
         assert [m[key] for m in logged[0]] == pytest.approx([m[key] for m in logged[1]], rel=1e-6)
 
 
+def test_nonfinite_loss_stops_or_skips_and_counts(tmp_path):
+    """Samples 3 and 11 carry NaN image features. ``stop`` names them; ``skip`` drops the two steps that
+    hold them (the optimizer and schedule do not move), still makes every step, and counts them."""
+    data = make_dataset(16, 5)
+    for bad in (3, 11):
+        data[bad]["image"] = torch.full_like(data[bad]["image"], float("nan"))
+    for i, item in enumerate(data):
+        item["id"] = f"s{i}"
+
+    def with_ids(items):
+        return {**collate(items), "ids": [it["id"] for it in items]}
+
+    def run(policy, out):
+        stage = StageConfig(name="s", train=["connectors"], data=["x"], steps=8, lr=1e-2, batch_size=2)  # an epoch
+        config = TrainConfig(stages=[stage], output_dir=str(out), log_every=1, nonfinite_loss=policy)
+        model = TinyMM(dropout=0.0)
+        Trainer(model, config, {"x": data}, with_ids, progress=False).train()
+        return model
+
+    with pytest.raises(FloatingPointError, match=r"stage 's', step \d.*not finite on samples \[.*'s(3|11)'"):
+        run("stop", tmp_path / "stop")
+    model = run("skip", tmp_path / "skip")
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    records = [json.loads(line) for line in (tmp_path / "skip" / "metrics.jsonl").read_text().splitlines()]
+    skipped = [r for r in records if "nonfinite" in r]
+    steps = [r for r in records if "loss" in r]
+    assert [r["step"] for r in steps] == list(range(1, 9))
+    assert all(math.isfinite(r["loss"]) for r in steps)
+    assert 1 <= len(skipped) <= 2 and skipped[-1]["nonfinite_skipped"] == len(skipped)  # both NaNs may share a batch
+    assert all({"s3", "s11"} & set(r["ids"]) for r in skipped)
+    state = json.loads((tmp_path / "skip" / "checkpoints" / "step-000008" / "trainer_state.json").read_text())
+    assert state["position"]["nonfinite_skipped"] == len(skipped)
+    with pytest.raises(ValueError, match="nonfinite_loss must be one of"):
+        TrainConfig(stages=[StageConfig(name="s", train=["llm"], data=["x"], steps=1, lr=1.0)], output_dir="x", nonfinite_loss="ignore")
+
+
 def test_bf16_stage_runs_and_fp16_needs_gpu(tmp_path):
     stage = StageConfig(name="s", train=["connectors"], data=["caps"], steps=2, lr=1e-3, batch_size=4, mixed_precision="bf16")
     trainer(TinyMM(), TrainConfig(stages=[stage], output_dir=str(tmp_path / "bf16"))).train()
@@ -345,19 +416,33 @@ def test_config_round_trips(tmp_path):
     assert TrainConfig.load(tmp_path / "train.json") == config
 
 
-def _train_and_die(out: str, forward_calls: str, threads: str) -> None:
-    """Train the staged config and SIGKILL this process at model forward number ``forward_calls``."""
+def _train_and_die(out: str, kill_at: str, threads: str) -> None:
+    """Train (or resume) the staged config and SIGKILL this process at an event: ``kill_at`` is
+    ``forward:N`` (the N-th model forward) or ``any:N`` (the N-th of forwards and, inside checkpoint
+    saves, each file write and the final rename); N = 0 never kills. Prints each event's kind."""
+    import mmfuse.train.checkpoint as checkpoint_module
+    import mmfuse.train.trainer as trainer_module
+
     torch.set_num_threads(int(threads))
-    calls, forward = [0], TinyMM.forward
+    which, number = kill_at.split(":")
+    counts = {"forward": 0, "any": 0}
 
-    def dying_forward(self, **batch):
-        calls[0] += 1
-        if calls[0] == int(forward_calls):
-            os.kill(os.getpid(), signal.SIGKILL)
-        return forward(self, **batch)
+    def event(kind, fn):
+        def counted(*args, **kwargs):
+            counts["forward"] += kind == "forward"
+            counts["any"] += 1
+            if counts[which] == int(number):
+                print(f"killed at {kind}", flush=True)
+                os.kill(os.getpid(), signal.SIGKILL)
+            return fn(*args, **kwargs)
+        return counted
 
-    TinyMM.forward = dying_forward
-    trainer(TinyMM(), staged_config(out)).train()
+    TinyMM.forward = event("forward", TinyMM.forward)
+    checkpoint_module.save_file = event("save", checkpoint_module.save_file)
+    checkpoint_module.save_json = trainer_module.save_json = event("save", checkpoint_module.save_json)
+    checkpoint_module.os.replace = event("rename", checkpoint_module.os.replace)
+    trainer(TinyMM(), staged_config(out)).train(resume=bool(list_checkpoints(Path(out) / "checkpoints")))
+    print(f"events {counts['any']}", flush=True)
 
 
 if __name__ == "__main__":
