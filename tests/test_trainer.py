@@ -281,6 +281,46 @@ def test_random_sigkills_during_steps_and_saves_resume_bit_identical(reference, 
     assert len(landed) >= 5 and {"save", "rename"} & set(landed) and "forward" in landed
 
 
+class ListStream:
+    """A stand-in :class:`StreamingDataset`: each epoch a seeded order, process ``rank`` every
+    ``world``-th item of it; records how many items each epoch call skipped."""
+
+    def __init__(self, items):
+        self.items, self.starts = items, []
+
+    def samples_per_rank(self, world: int) -> int:
+        return len(self.items) // world
+
+    def epoch(self, seed: int, rank: int = 0, world: int = 1, start: int = 0):
+        self.starts.append(start)
+        order = torch.randperm(len(self.items), generator=torch.Generator().manual_seed(seed % 2**31)).tolist()
+        mine = order[rank::world][: self.samples_per_rank(world)]
+        return iter([self.items[i] for i in mine[start:]])
+
+
+def test_streamed_data_resumes_mid_epoch_bit_identical(tmp_path):
+    """A stage streams 13 items in batches of 3 (4 batches an epoch, 5 steps cross into epoch 1);
+    resuming from the checkpoint at step 2 continues the stream at item 6 and ends identical."""
+    def run(out, resume=False):
+        stage = StageConfig(name="s", train=["connectors"], data=["stream"], steps=5, lr=1e-2, batch_size=3)
+        config = TrainConfig(stages=[stage], output_dir=str(out), save_every=2, keep_checkpoints=5, log_every=1)
+        stream = ListStream(make_dataset(13, 3))
+        Trainer(TinyMM(dropout=0.0), config, {"stream": stream}, collate, progress=False).train(resume=resume)
+        return stream
+
+    assert run(tmp_path / "full").starts == [0, 0]
+    (tmp_path / "resumed" / "checkpoints").mkdir(parents=True)
+    os.rename(tmp_path / "full" / "checkpoints" / "step-000002", tmp_path / "resumed" / "checkpoints" / "step-000002")
+    (tmp_path / "resumed" / "metrics.jsonl").write_text("".join((tmp_path / "full" / "metrics.jsonl").read_text().splitlines(True)[:2]))
+    assert run(tmp_path / "resumed", resume=True).starts == [6, 0]
+    assert_identical(exported(tmp_path / "resumed"), exported(tmp_path / "full"))
+    assert _metrics(tmp_path / "resumed") == _metrics(tmp_path / "full")
+    stage = StageConfig(name="s", train=["connectors"], data=["stream", "caps"], steps=1, lr=1e-2)
+    config = TrainConfig(stages=[stage], output_dir=str(tmp_path / "mixed"))
+    with pytest.raises(ValueError, match="a streamed dataset must be the stage's only data"):
+        Trainer(TinyMM(), config, {"stream": ListStream(make_dataset(8, 3)), **DATASETS}, collate, progress=False).train()
+
+
 def test_crash_while_saving_leaves_previous_checkpoint(reference, tmp_path, monkeypatch):
     """A crash halfway through writing checkpoint 6 leaves only its temp dir; resume starts from 4."""
     import mmfuse.train.trainer as trainer_module

@@ -1,11 +1,20 @@
 """The multi-stage trainer, on accelerate (single process, or unchanged under ``accelerate launch``).
 
 Per stage: freeze/unfreeze (and inject LoRA), AdamW over the trainable parameters, linear warm-up
-then the stage's schedule (cosine by default), gradient accumulation and clipping, accelerate's mixed precision. Data: the
-stage's datasets concatenated and shuffled per epoch by a generator seeded from (seed, stage, epoch);
+then the stage's schedule (cosine by default), gradient accumulation and clipping, accelerate's mixed
+precision. Data: the stage's datasets concatenated and shuffled per epoch by a generator seeded from (seed, stage, epoch);
 epochs repeat until the stage has made ``steps`` optimizer steps. ``batch_size`` is per process:
 global batch ``i`` of an epoch is ``perm[i*G:(i+1)*G]`` (``G = batch_size * processes``), cut into
-one slice per process; a last incomplete global batch is dropped.
+one slice per process; a last incomplete global batch is dropped. A :class:`StreamingDataset`
+(webdataset shards) is read as a stream instead: each process its own shards through a shuffle buffer,
+the same number of batches each.
+
+Every labelled token of a global batch weighs the same, whichever process or micro-batch holds it:
+the model gets the global batch's labelled-token count (``num_items_in_batch``, all-reduced), so N
+processes, or gradient accumulation, train exactly as one process with the whole batch would
+(dropout aside: each process draws its own masks). Under ``accelerate launch --use_fsdp
+--fsdp_version 2`` a stage trains a sharded replica (:mod:`mmfuse.train.sharding`). A step whose
+loss or gradient norm is NaN or infinite stops the run or is dropped and counted (``nonfinite_loss``).
 
 Resuming is exact: a checkpoint holds the weights every stage so far has changed, the optimizer,
 scheduler and RNG states, and the data position, so a resumed run ends bit-identical to one that
@@ -17,6 +26,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import itertools
 import json
 import math
 import time
@@ -24,7 +34,7 @@ from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Protocol, runtime_checkable
 
 import torch
 from accelerate import Accelerator, PartialState
@@ -68,6 +78,18 @@ from mmfuse.train.sharding import (
 from mmfuse.train.stage import apply_stage, group_parameters, optimizer_groups
 
 ExportFn = Callable[[nn.Module, Path], None]
+
+
+@runtime_checkable
+class StreamingDataset(Protocol):
+    """A dataset read as a stream (webdataset shards): the trainer asks each process for its part of
+    an epoch, from an item onwards (a resumed epoch)."""
+
+    def samples_per_rank(self, world: int) -> int:
+        """Items every one of ``world`` processes can read in one epoch."""
+
+    def epoch(self, seed: int, rank: int = 0, world: int = 1, start: int = 0) -> Iterator[Any]:
+        """Process ``rank``'s items of the epoch ``seed`` orders, from its ``start``-th item on."""
 
 
 @dataclass
@@ -294,7 +316,14 @@ class Trainer:
         self, index: int, stage: StageConfig, accelerator: Accelerator, epoch: int, start: int
     ) -> Iterator[tuple[int, int, Any]]:
         """Endless micro-batches from (epoch, start), each with the position right after it."""
-        dataset = ConcatDataset([self.datasets[name] for name in stage.data])
+        parts = [self.datasets[name] for name in stage.data]
+        streams = [d for d in parts if isinstance(d, StreamingDataset)]
+        if streams:
+            if len(parts) > 1:
+                raise ValueError(f"stage {stage.name!r}: a streamed dataset must be the stage's only data, got {stage.data}")
+            yield from self._streamed_batches(index, stage, accelerator, streams[0], epoch, start)
+            return
+        dataset = ConcatDataset(parts)
         processes, rank = accelerator.num_processes, accelerator.process_index
         width = stage.batch_size * processes
         if len(dataset) < width:
@@ -308,6 +337,24 @@ class Trainer:
             )
             for after, batch in enumerate(loader, start + 1):
                 yield epoch, after, batch
+            epoch, start = epoch + 1, 0
+
+    def _streamed_batches(
+        self, index: int, stage: StageConfig, accelerator: Accelerator, stream: StreamingDataset, epoch: int, start: int
+    ) -> Iterator[tuple[int, int, Any]]:
+        """Micro-batches of a streamed dataset: each epoch, every process reads its own part of the
+        stream (in the order ``epoch_seed`` draws) and takes the same number of whole batches; a resumed
+        epoch skips the items its batches so far consumed."""
+        processes, rank = accelerator.num_processes, accelerator.process_index
+        per_epoch = stream.samples_per_rank(processes) // stage.batch_size
+        if per_epoch == 0:
+            raise ValueError(f"stage {stage.name!r}: each of {processes} process(es) streams "
+                             f"{stream.samples_per_rank(processes)} samples, fewer than a batch of {stage.batch_size}")
+        while True:
+            seed = epoch_seed(self.config.seed, index, epoch)
+            items = stream.epoch(seed, rank, processes, start * stage.batch_size)
+            for after in range(start + 1, per_epoch + 1):
+                yield epoch, after, self.collate_fn(list(itertools.islice(items, stage.batch_size)))
             epoch, start = epoch + 1, 0
 
     def _set_gradient_checkpointing(self, on: bool) -> None:
