@@ -24,7 +24,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from mmfuse.train import StageConfig, Trainer, TrainConfig, apply_stage, lora_parameters, merge_lora
 from mmfuse.train.checkpoint import list_checkpoints
 from mmfuse.train.stage import optimizer_groups
-from mmfuse.train.trainer import stage_scheduler
+from mmfuse.train.trainer import epoch_batches, epoch_seed, stage_scheduler
 
 VOCAB, SEQ, PATCHES, FEAT = 32, 6, 2, 6
 
@@ -424,6 +424,35 @@ def test_nonfinite_loss_stops_or_skips_and_counts(tmp_path):
         TrainConfig(stages=[StageConfig(name="s", train=["llm"], data=["x"], steps=1, lr=1.0)], output_dir="x", nonfinite_loss="ignore")
 
 
+def test_skipped_samples_are_counted_and_an_all_skipped_batch_drops_its_step(tmp_path):
+    """Batches carry the records of samples the processor skipped (``batch["skipped"]``); the trainer
+    counts them, and a micro-batch left empty drops its step (on every process) instead of crashing."""
+    data = make_dataset(8, 6)
+    bad = {1, 4, 5}  # with batch_size 1 and 8 steps over 8 samples, three batches are empty
+
+    def skipping_collate(items):
+        kept = [it for it in items if not it["bad"]]
+        batch = collate(kept) if kept else {"input_ids": torch.zeros(0, SEQ, dtype=torch.long),
+                                            "attention_mask": torch.zeros(0, SEQ, dtype=torch.long),
+                                            "labels": torch.zeros(0, SEQ, dtype=torch.long), "media": {}}
+        return {**batch, "skipped": [it["id"] for it in items if it["bad"]]}
+
+    for i, item in enumerate(data):
+        item["id"], item["bad"] = f"s{i}", i in bad
+    stage = StageConfig(name="s", train=["connectors"], data=["x"], steps=5, lr=1e-2, batch_size=1)
+    config = TrainConfig(stages=[stage], output_dir=str(tmp_path), log_every=1)
+    trainer = Trainer(TinyMM(dropout=0.0), config, {"x": data}, skipping_collate, progress=False)
+    trainer.train()
+    pos = trainer.position
+    order = [b[0] for b in epoch_batches(8, 1, 1, 0, epoch_seed(0, 0, 0))]
+    seen_bad = [i for i in order[: pos.batch_in_epoch] if i in bad]
+    assert pos.epoch == 0 and pos.batch_in_epoch == 5 + len(seen_bad) and seen_bad
+    assert pos.bad_samples_skipped == len(seen_bad) and pos.global_step == 5
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["bad_samples_skipped"] for r in records if "dropped" in r] == list(range(1, len(seen_bad) + 1))
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4, 5]
+
+
 def test_bf16_stage_runs_and_fp16_needs_gpu(tmp_path):
     stage = StageConfig(name="s", train=["connectors"], data=["caps"], steps=2, lr=1e-3, batch_size=4, mixed_precision="bf16")
     trainer(TinyMM(), TrainConfig(stages=[stage], output_dir=str(tmp_path / "bf16"))).train()
@@ -446,7 +475,7 @@ def test_gradient_checkpointing_with_lora(tmp_path):
 def test_refuses_to_overwrite_or_resume_a_different_run(reference):
     with pytest.raises(FileExistsError, match="resume=True"):
         trainer(TinyMM(), staged_config(reference)).train()
-    with pytest.raises(ValueError, match="other stages or seed"):
+    with pytest.raises(ValueError, match="other stages, seed or shuffle buffer"):
         trainer(TinyMM(), staged_config(reference, seed=1)).train(resume=True)
 
 

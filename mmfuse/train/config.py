@@ -95,7 +95,8 @@ class TrainConfig(JsonConfig):
     counted over the whole run). ``nonfinite_loss``: what a step whose loss or gradient norm is NaN or
     infinite does: ``"stop"`` raises naming the step and its samples; ``"skip"`` drops that step's
     update (the optimizer, schedule and step count do not move; the data does) and counts it in
-    ``metrics.jsonl`` and the run's summary."""
+    ``metrics.jsonl`` and the run's summary. ``shuffle_buffer``: samples a streamed (sharded) dataset
+    shuffles over on each process."""
 
     stages: list[StageConfig]
     seed: int = 0
@@ -103,6 +104,7 @@ class TrainConfig(JsonConfig):
     log_every: int = 10
     keep_checkpoints: int = 2
     nonfinite_loss: str = "stop"
+    shuffle_buffer: int = 1000
     output_dir: str
 
     def __post_init__(self):
@@ -113,6 +115,6 @@ class TrainConfig(JsonConfig):
             raise ValueError(f"TrainConfig: stage names must be unique, got {names}")
         if self.nonfinite_loss not in NONFINITE_LOSS:
             raise ValueError(f"TrainConfig: nonfinite_loss must be one of {NONFINITE_LOSS}, got {self.nonfinite_loss!r}")
-        for key in ("save_every", "log_every", "keep_checkpoints"):
+        for key in ("save_every", "log_every", "keep_checkpoints", "shuffle_buffer"):
             if getattr(self, key) < 1:
                 raise ValueError(f"TrainConfig: {key} must be >= 1, got {getattr(self, key)}")

@@ -104,6 +104,7 @@ class Position:
     batch_in_epoch: int = 0  # the next micro-batch of the epoch
     samples_seen: int = 0
     nonfinite_skipped: int = 0  # steps dropped for a NaN/infinite loss or gradient norm
+    bad_samples_skipped: int = 0  # samples the processor skipped (on_bad_sample: skip), all processes
     elapsed: float = 0.0
 
 
@@ -208,6 +209,7 @@ class Trainer:
         if state.is_main_process:
             self._trim_metrics(position.global_step)
         self._clock = time.monotonic() - position.elapsed
+        self.position = position  # where the run is; after train(), its end (e.g. ``nonfinite_skipped``)
         first = position.stage_index + 1 if position.stage_done else position.stage_index
         show = self.progress and state.is_main_process and Console().is_terminal
         with _progress_bar(disable=not show) as bar:
@@ -257,13 +259,20 @@ class Trainer:
         while pos.stage_step < stage.steps:
             micro_batches = [next(batches) for _ in range(stage.grad_accum)]
             pos.epoch, pos.batch_in_epoch = micro_batches[-1][:2]
+            counts = torch.stack([label_count(b, accelerator.device) for *_, b in micro_batches])
+            skipped = sum(len(b.pop("skipped", [])) for *_, b in micro_batches)  # bad samples the processor skipped
             # every labelled token of the global batch weighs the same, whatever process or micro-batch it is in
-            labelled = accelerator.reduce(sum(label_count(b, accelerator.device) for *_, b in micro_batches), "sum")
+            labelled, empty, skipped = accelerator.reduce(
+                torch.stack([counts.sum(), (counts == 0).sum(), counts.new_tensor(skipped)]), "sum").tolist()
+            pos.bad_samples_skipped += skipped
+            if empty:  # a micro-batch whose samples were all skipped: every process drops the step together
+                self._record(accelerator, stage, pos, dropped="a micro-batch of skipped samples only")
+                continue
             step_loss = torch.zeros((), device=accelerator.device)
             for micro, (*_, batch) in enumerate(micro_batches):
                 last = micro == stage.grad_accum - 1
                 with nullcontext() if last or sharded else accelerator.no_sync(model):
-                    loss = model(**send_to_device(batch, accelerator.device), num_items_in_batch=labelled).loss
+                    loss = model(**send_to_device(batch, accelerator.device), num_items_in_batch=counts.new_tensor(labelled)).loss
                     # gradients are averaged over processes; the loss is already this process's share
                     accelerator.backward(loss * accelerator.num_processes)
                 step_loss += loss.detach().float()
@@ -307,10 +316,15 @@ class Trainer:
         if self.config.nonfinite_loss == "stop":
             raise NonFiniteLoss(f"{where}: loss {loss} is not finite on {shown}; set nonfinite_loss: skip to drop such steps")
         pos.nonfinite_skipped += 1
+        self._record(accelerator, stage, pos, nonfinite=loss, ids=ids)
+
+    def _record(self, accelerator: Accelerator, stage: StageConfig, pos: Position, **values: Any) -> None:
+        """Log a step that was dropped (``metrics.jsonl``, with the run's counts so far)."""
         if accelerator.is_main_process:
+            record = {"step": pos.global_step, "stage": stage.name, **values, "nonfinite_skipped": pos.nonfinite_skipped,
+                      "bad_samples_skipped": pos.bad_samples_skipped}
             with self.metrics_path.open("a") as f:
-                f.write(json.dumps({"step": pos.global_step, "stage": stage.name, "nonfinite": loss, "ids": ids,
-                                    "nonfinite_skipped": pos.nonfinite_skipped}) + "\n")
+                f.write(json.dumps(record) + "\n")
 
     def _micro_batches(
         self, index: int, stage: StageConfig, accelerator: Accelerator, epoch: int, start: int
@@ -420,8 +434,8 @@ class Trainer:
     def _read_position(self, checkpoint: Path) -> Position:
         state = load_json(checkpoint / STATE_FILE)
         saved = state["config"]
-        if saved["stages"] != self.config.to_dict()["stages"] or saved["seed"] != self.config.seed:
-            raise ValueError(f"{checkpoint} was written by a run with other stages or seed; resume with that config")
+        if any(saved.get(key, value) != value for key, value in self.config.to_dict().items() if key in ("stages", "seed", "shuffle_buffer")):
+            raise ValueError(f"{checkpoint} was written by a run with other stages, seed or shuffle buffer; resume with that config")
         if state["num_processes"] != _process_state().num_processes:
             raise ValueError(f"{checkpoint} was written by {state['num_processes']} process(es); resume with as many")
         return Position(**state["position"])
@@ -434,6 +448,7 @@ class Trainer:
             "stage": stage.name,
             **values,
             "samples_seen": pos.samples_seen,
+            "bad_samples_skipped": pos.bad_samples_skipped,
             "elapsed": round(time.monotonic() - self._clock, 3),
         }
         with self.metrics_path.open("a") as f:
