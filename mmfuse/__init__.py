@@ -9,7 +9,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 # ruff: noqa: E402
 
 from .config import ConnectorConfig, EncoderConfig, FusionConfig, LLMConfig, MultimodalConfig
-from .data.formats import load_samples
+from .data.badsamples import BadSample, BadSampleLog
+from .data.formats import load_samples, samples_from_hf
 from .compare import CompareSettings, run_comparison
 from .data.schema import Message, Sample
 from .eval import EvalAdapter, evaluate_task
@@ -21,6 +22,8 @@ from .training import run_eval, run_training
 __version__ = "0.1.0"
 
 __all__ = [
+    "BadSample",
+    "BadSampleLog",
     "CompareSettings",
     "ConnectorConfig",
     "EncoderConfig",
@@ -42,4 +45,5 @@ __all__ = [
     "run_comparison",
     "run_eval",
     "run_training",
+    "samples_from_hf",
 ]

@@ -44,6 +44,32 @@ def data_synth(
     console.print(f"wrote {out} in {time.time() - start:.1f} s")
 
 
+@data_app.command("shard")
+def data_shard(
+    source: Path = typer.Argument(..., help="Dataset file: LLaVA conversations, interleaved documents or caption pairs (.json/.jsonl)."),
+    out: Path = typer.Option(..., help="Directory for shard-*.tar and index.json (must hold no shards yet)."),
+    samples_per_shard: int = typer.Option(1000, help="At most this many samples per shard; use at least as many shards as training ranks."),
+    allow_outside_root: bool = typer.Option(False, help="Accept media paths outside the dataset file's directory (refused by default)."),
+):
+    """Convert a dataset file into webdataset tar shards that training streams."""
+    from rich.markup import escape
+
+    from .data.shards import write_shards
+
+    start = time.time()
+    try:
+        with _progress() as bar:
+            task = bar.add_task(f"sharding {source.name}", total=None)
+            index = write_shards(source, out, samples_per_shard=samples_per_shard, allow_outside_root=allow_outside_root,
+                                 progress=lambda done, total: bar.update(task, completed=done, total=total))
+    except (ValueError, OSError) as err:  # bad input: the message names the file, sample and field
+        console.print(f"[red]error:[/red] {escape(str(err))}")
+        raise typer.Exit(1) from err
+    sizes = sorted({s["samples"] for s in index["shards"]})
+    console.print(f"wrote {index['samples']} samples in {len(index['shards'])} shard(s) of "
+                  f"{'-'.join(map(str, sizes))} samples to {out} (index.json) in {time.time() - start:.1f} s")
+
+
 @backbones_app.command("build")
 def backbones_build(force: bool = typer.Option(False, help="Rebuild even when cached.")):
     """Pretrain (or find cached) the world's LLM, vision and audio encoders."""
@@ -105,12 +131,14 @@ def train(
     steps_scale: float = typer.Option(1.0, help="Multiply every stage's steps (a quick run: 0.1)."),
     save_every: Optional[int] = typer.Option(None, help="Checkpoint every N optimizer steps."),
     batch_size: Optional[int] = typer.Option(None, help="Override every stage's batch size."),
+    allow_outside_root: bool = typer.Option(False, help="Accept media paths outside the dataset file's directory (refused by default)."),
 ):
     """Train a recipe's stages on a dataset; kill it at any time and continue with --resume."""
     from .training import run_training
 
     start = time.time()
-    run_training(recipe, data, out, resume=resume, seed=seed, steps_scale=steps_scale, save_every=save_every, batch_size=batch_size)
+    run_training(recipe, data, out, resume=resume, seed=seed, steps_scale=steps_scale, save_every=save_every, batch_size=batch_size,
+                 allow_outside_root=allow_outside_root)
     console.print(f"trained {recipe} into {out} in {time.time() - start:.1f} s")
 
 

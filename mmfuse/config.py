@@ -179,7 +179,9 @@ class MultimodalConfig(JsonConfig):
     fusion: FusionConfig = field(default_factory=FusionConfig)
     max_length: int = 512
     chat_template: str | None = None  # overrides the tokenizer's template
-    on_overflow: str = "error"  # "error" | "skip": a sample that does not fit max_length
+    # "error" | "skip": what to do with a sample that cannot be used (unreadable media, a malformed record,
+    # longer than max_length); skipped samples are counted (Processor.bad_samples)
+    on_bad_sample: str = "error"
     # AudioPaLM's task tags: text put before the first user turn of every sample whose meta.task is a key
     # (e.g. {"audio_caption": "[ASR] ", "audio_generation": "[TTS] "}), in training and evaluation alike
     task_prefixes: dict[str, str] = field(default_factory=dict)
@@ -201,5 +203,13 @@ class MultimodalConfig(JsonConfig):
             raise ValueError(f"modality {both[0]!r} has both an encoder and a codec; a modality is read either continuously or as tokens")
         if (self.fusion.type == "D") != bool(self.codecs):
             raise ValueError("fusion.type 'D' needs codecs (the modalities read as tokens), and codecs need fusion.type 'D'")
-        if self.on_overflow not in ("error", "skip"):
-            raise ValueError(f"on_overflow must be 'error' or 'skip', got {self.on_overflow!r}")
+        if self.on_bad_sample not in ("error", "skip"):
+            raise ValueError(f"on_bad_sample must be 'error' or 'skip', got {self.on_bad_sample!r}")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]):
+        """As :meth:`JsonConfig.from_dict`; reads ``on_overflow``, the name of ``on_bad_sample`` in
+        checkpoints saved before it covered every bad sample."""
+        if isinstance(data, dict) and "on_overflow" in data:
+            data = {("on_bad_sample" if k == "on_overflow" else k): v for k, v in data.items()}
+        return _from_dict(cls, data)

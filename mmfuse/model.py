@@ -285,7 +285,8 @@ class MultimodalLM(nn.Module):
         return output
 
     @torch.no_grad()
-    def generate(self, input_ids, attention_mask=None, media=None, ids=None, labels=None, outputs=("text",), **generate_kwargs):
+    def generate(self, input_ids, attention_mask=None, media=None, ids=None, labels=None, skipped=None, outputs=("text",),
+                 **generate_kwargs):
         """New token ids ``(B, new)``. Media are encoded once; the LLM's KV cache does the rest.
 
         Takes the batch from ``collator(padding_side="left")``; ``generate_kwargs`` go to

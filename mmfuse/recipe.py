@@ -43,8 +43,13 @@ def load_recipe(name_or_path: str | Path) -> Recipe:
         path = _builtin_dir() / f"{name_or_path}.yaml"
         if not path.is_file():
             raise ValueError(f"unknown recipe {str(name_or_path)!r}; built-in recipes: {', '.join(list_recipes())}")
-    data = yaml.safe_load(path.read_text())
     where = f"recipe {path.name}"
+    try:
+        data = yaml.safe_load(path.read_text())  # plain data only: no tags that build Python objects
+    except yaml.YAMLError as err:
+        raise ValueError(f"{where}: not a plain YAML recipe ({err})") from err
+    if not isinstance(data, dict):
+        raise ValueError(f"{where}: expected a mapping of recipe fields, got {type(data).__name__}")
     missing = sorted({"name", "survey_type", "model", "train"} - set(data))
     if missing:
         raise ValueError(f"{where}: missing field(s) {missing}")

@@ -12,8 +12,10 @@ from pathlib import Path
 
 import torch
 
-from .data.dataset import ProcessedDataset
-from .data.formats import load_samples, resolve_dataset
+from .data.dataset import ProcessedDataset, ProcessedStream
+from .data.formats import load_samples, resolve_dataset, samples_from_hf
+from .data.shards import INDEX as SHARD_INDEX
+from .data.shards import ShardStream
 from .eval.adapter import EvalAdapter
 from .eval.tasks import evaluate_task
 from .model import MultimodalLM
@@ -51,8 +53,10 @@ def run_training(
     save_every: int | None = None,
     batch_size: int | None = None,
     progress: bool = True,
+    allow_outside_root: bool = False,
 ) -> MultimodalLM:
-    """Train ``recipe`` on ``data`` into ``out`` and return the trained model."""
+    """Train ``recipe`` on ``data`` into ``out`` and return the trained model. ``allow_outside_root``:
+    accept media paths outside a dataset file's directory."""
     out = Path(out)
     recipe = prepare_recipe(recipe, out, seed=seed, steps_scale=steps_scale, save_every=save_every, batch_size=batch_size)
     out.mkdir(parents=True, exist_ok=True)
@@ -67,11 +71,65 @@ def run_training(
     torch.manual_seed(recipe.train.seed)  # the same initial connector weights on every (re)start
     model = MultimodalLM.from_config(recipe.model)
     names = sorted({name for stage in recipe.train.stages for name in stage.data})
-    datasets = {name: ProcessedDataset(load_samples(resolve_dataset(data, name, "train")), model.processor) for name in names}
-    Trainer(model, recipe.train, datasets, model.collator(), progress=progress).train(resume=resume)
-    if model.processor.skipped:
-        print(f"skipped {len(model.processor.skipped)} sample(s) longer than max_length: {model.processor.skipped[:10]}")
+    datasets = {name: training_dataset(data, name, model.processor, recipe.train.shuffle_buffer, allow_outside_root)
+                for name in names}
+    read_skipped = len(model.processor.bad_samples)  # bad records left out while reading the data
+    trainer = Trainer(model, recipe.train, datasets, model.collator(), progress=progress, bad_samples=model.processor.bad_samples)
+    trainer.train(resume=resume)
+    if trainer.is_main_process:
+        print(run_summary(trainer.position, read_skipped, model.processor.bad_samples))
     return model
+
+
+def run_summary(position, read_skipped: int, bad_samples) -> str:
+    """The end-of-run report: steps made, steps dropped, bad samples skipped when reading the data and
+    while training (the latter over every process and across resumes), with this process's reasons."""
+    lines = [f"trained {position.global_step} step(s) on {position.samples_seen} sample(s)"]
+    if position.nonfinite_skipped:
+        lines.append(f"dropped {position.nonfinite_skipped} step(s) with a NaN or infinite loss (see metrics.jsonl)")
+    if read_skipped or position.bad_samples_skipped:
+        lines.append(f"skipped {read_skipped} bad record(s) reading the data and {position.bad_samples_skipped} bad "
+                     f"sample(s) while training; {bad_samples.summary()}")
+    return "\n".join(lines)
+
+
+def shard_directory(data: str | Path, name: str, split: str) -> Path | None:
+    """Where ``name``'s shards are, if it has any: ``name`` itself, or ``{data}/{name}_{split}/``, a
+    directory holding the ``index.json`` that ``mmfuse data shard`` writes."""
+    for candidate in (Path(name), Path(data) / f"{name}_{split}"):
+        if (candidate / SHARD_INDEX).is_file():
+            return candidate
+    return None
+
+
+def training_dataset(data: str | Path, name: str, processor, shuffle_buffer: int,
+                     allow_outside_root: bool = False) -> ProcessedDataset | ProcessedStream:
+    """The stage dataset ``name``: streamed from its shards when it has them (see :func:`shard_directory`),
+    else a saved Hugging Face dataset (:func:`hf_directory`), else its JSON file. Bad samples follow the
+    model's ``on_bad_sample`` policy and are logged in ``processor.bad_samples``."""
+    shards = shard_directory(data, name, "train")
+    if shards is not None:
+        return ProcessedStream(ShardStream(shards, shuffle_buffer=shuffle_buffer), processor)
+    policy, log = processor.on_bad_sample, processor.bad_samples
+    saved = hf_directory(data, name, "train")
+    if saved is not None:
+        from datasets import load_from_disk
+
+        samples = samples_from_hf(load_from_disk(str(saved)), root=saved, name=name, on_bad_sample=policy, log=log,
+                                  allow_outside_root=allow_outside_root)
+    else:
+        samples = load_samples(resolve_dataset(data, name, "train"), on_bad_sample=policy, log=log,
+                               allow_outside_root=allow_outside_root)
+    return ProcessedDataset(samples, processor)
+
+
+def hf_directory(data: str | Path, name: str, split: str) -> Path | None:
+    """A Hugging Face dataset saved with ``Dataset.save_to_disk`` for ``name``: ``name`` itself or
+    ``{data}/{name}_{split}/`` holding its ``dataset_info.json`` and ``state.json``."""
+    for candidate in (Path(name), Path(data) / f"{name}_{split}"):
+        if (candidate / "state.json").is_file() and (candidate / "dataset_info.json").is_file():
+            return candidate
+    return None
 
 
 def run_eval(

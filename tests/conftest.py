@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 from mmfuse.config import ConnectorConfig, EncoderConfig, LLMConfig, MultimodalConfig
+from mmfuse.data.processor import Processor
 
 CHAT_TEMPLATE = (
     "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>\n"
@@ -104,3 +105,9 @@ def assert_every_parameter_gets_a_gradient(module: torch.nn.Module, names: set[s
     for name, p in params.items():
         assert p.grad is not None and p.grad.abs().sum() > 0, name
 
+
+
+def processor_with_policy(model, on_bad_sample: str) -> Processor:
+    """``model``'s processor, but with its own bad-sample policy and log."""
+    return Processor(model.tokenizer, model.media_processors, model.media_token_count, model.fusion.layout,
+                     max_length=model.processor.max_length, on_bad_sample=on_bad_sample)

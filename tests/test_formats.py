@@ -43,18 +43,18 @@ def test_interleaved_documents(tmp_path):
     (sample,) = load_samples(path)
     assert sample.is_document and sample.messages[0].content.count("<image>") == 2
     assert sample.media["image"] == [tmp_path / "a.png", tmp_path / "b.png"]
-    with pytest.raises(ValueError, match="sample 'd2': field 'text' must be a non-empty string"):
+    with pytest.raises(ValueError, match="bad.json#0: sample 'd2': text: must be a non-empty string"):
         load_samples(_write(tmp_path / "bad.json", [{"id": "d2", "text": ""}]))
-    with pytest.raises(ValueError, match="sample 'd3': field 'image' lists 1 file"):
+    with pytest.raises(ValueError, match="sample 'd3': image: lists 1 item"):
         load_samples(_write(tmp_path / "bad2.json", [{"id": "d3", "image": ["a.png"], "text": "<image>a<image>b"}]))
 
 
 @pytest.mark.parametrize("record,pattern", [
-    ({"id": "r", "conversations": []}, r"sample 'r': field 'conversations' must be a non-empty list"),
-    ({"id": "r", "conversations": [{"from": "robot", "value": "x"}]}, r"conversations\[0\].from is 'robot'"),
-    ({"id": "r", "conversations": [{"from": "human", "value": 3}]}, r"conversations\[0\].value must be a string"),
-    ({"id": "r", "image": "a.png", "conversations": [{"from": "human", "value": "no marker"}]}, r"'image' lists 1 file"),
-    ({"id": "r", "image": 5, "conversations": [{"from": "human", "value": "<image>"}]}, r"field 'image' must be a path"),
+    ({"id": "r", "conversations": []}, r"bad.json#0: sample 'r': conversations: must be a non-empty list"),
+    ({"id": "r", "conversations": [{"from": "robot", "value": "x"}]}, r"sample 'r': conversations\[0\].from: is 'robot'"),
+    ({"id": "r", "conversations": [{"from": "human", "value": 3}]}, r"sample 'r': conversations\[0\].value: must be a string"),
+    ({"id": "r", "image": "a.png", "conversations": [{"from": "human", "value": "no marker"}]}, r"sample 'r': image: lists 1 item"),
+    ({"id": "r", "image": 5, "conversations": [{"from": "human", "value": "<image>"}]}, r"sample 'r': image\[0\]: must be a path"),
 ])
 def test_bad_records_name_sample_and_field(tmp_path, record, pattern):
     with pytest.raises(ValueError, match=pattern):
@@ -66,10 +66,10 @@ def test_bad_files(tmp_path):
     with pytest.raises(ValueError, match="invalid JSON"):
         load_samples(tmp_path / "broken.json")
     (tmp_path / "latin.json").write_bytes(b"\xff\xfe[]")
-    with pytest.raises(ValueError, match="not valid UTF-8"):
+    with pytest.raises(ValueError, match="latin.json: not valid UTF-8 at byte 0"):
         load_samples(tmp_path / "latin.json")
     dup = [{"id": "d", "conversations": [{"from": "human", "value": "x"}]}] * 2
-    with pytest.raises(ValueError, match="sample id 'd' appears more than once"):
+    with pytest.raises(ValueError, match="dup.json#1: sample 'd': id: appears more than once"):
         load_samples(_write(tmp_path / "dup.json", dup))
 
 

@@ -90,7 +90,7 @@ def test_markers_expand_in_place_and_prompt_matches_generation(tokenizer_dir, me
 def test_marker_and_media_count_mismatch_is_an_error(tokenizer_dir, media_dir):
     model = MultimodalLM.from_config(tiny_config(tokenizer_dir))
     bad = Sample("bad-1", [Message("user", "<image> <image>"), Message("assistant", "x")], {"image": [media_dir / "a.png"]})
-    with pytest.raises(ValueError, match=r"bad-1.*'image' lists 1 file.*2 <image> marker"):
+    with pytest.raises(ValueError, match=r"sample 'bad-1': image: lists 1 item.*2 <image> marker"):
         model.processor(bad)
 
 
@@ -100,8 +100,9 @@ def test_overflow_errors_or_skips_and_counts(tokenizer_dir, media_dir):
     model = MultimodalLM.from_config(tiny_config(tokenizer_dir, max_length=64))
     with pytest.raises(SampleTooLong, match="long.*exceed max_length 64"):
         model.processor(sample)
-    skipping = MultimodalLM.from_config(tiny_config(tokenizer_dir, max_length=64, on_overflow="skip"))
-    assert skipping.processor(sample) is None and skipping.processor.skipped == ["long"]
+    skipping = MultimodalLM.from_config(tiny_config(tokenizer_dir, max_length=64, on_bad_sample="skip"))
+    skipped = skipping.processor(sample)
+    assert skipped.sample_id == "long" and skipped.kind == "too long" and list(skipping.processor.bad_samples) == [skipped]
 
 
 def test_media_errors_name_sample_and_field(tokenizer_dir, media_dir):
@@ -117,7 +118,7 @@ def test_media_errors_name_sample_and_field(tokenizer_dir, media_dir):
         with pytest.raises(ValueError, match=pattern):
             model.processor(Sample("m", [Message("user", marker), Message("assistant", "x")], media))
     image_only = MultimodalLM.from_config(tiny_config(tokenizer_dir))
-    with pytest.raises(ValueError, match="sample 'm': field 'audio' has media but the model has no audio encoder"):
+    with pytest.raises(ValueError, match="sample 'm': audio: has media but the model has no audio encoder"):
         image_only.processor(Sample("m", [Message("user", "<audio>"), Message("assistant", "x")], {"audio": [media_dir / "a.wav"]}))
 
 

@@ -125,3 +125,33 @@ def test_a_stage_can_train_a_module_path_inside_a_group(tokenizer_dir):
     assert names == {"connectors.image.core.proj.weight", "connectors.image.core.proj.bias"} and len(params) == 2
     with pytest.raises(ValueError, match="no parameter group or module path matches 'connectors.image.core.pro'"):
         apply_stage(model, StageConfig(name="s", train=["connectors.image.core.pro"], data=["d"], steps=1, lr=1e-3))
+
+
+def test_run_training_reads_a_saved_hf_dataset_and_reports_skipped_samples(tokenizer_dir, media_dir, tmp_path, capsys):
+    """A Hugging Face dataset saved with ``save_to_disk`` as ``{data}/{task}_train/`` (an ``Image()``
+    column of PIL images) trains; under ``on_bad_sample: skip`` its row without an image for its marker
+    is skipped, and the run's summary counts it."""
+    datasets = pytest.importorskip("datasets")
+    from PIL import Image
+
+    from mmfuse.recipe import Recipe
+    from mmfuse.training import run_training
+
+    images = [Image.open(media_dir / name).convert("RGB") for name in ("a.png", "b.png")] * 4
+    rows = {"id": [f"r{i}" for i in range(8)], "image": images,
+            "conversations": [[{"from": "human", "value": "<image>\nwhat colour?"}, {"from": "gpt", "value": c}]
+                              for c in ["red", "blue"] * 4]}
+    rows["conversations"][3] = [{"from": "human", "value": "<image> and <image>?"}, {"from": "gpt", "value": "two"}]
+    data = tmp_path / "data"
+    datasets.Dataset.from_dict(rows).cast_column("image", datasets.Image()).save_to_disk(str(data / "colours_train"))
+    config = tiny_config(tokenizer_dir)
+    config.on_bad_sample = "skip"
+    stage = StageConfig(name="s", train=["connectors"], data=["colours"], steps=3, lr=1e-2, batch_size=2)
+    recipe = Recipe(name="hf", survey_type="C", description="", model=config,
+                    train=TrainConfig(stages=[stage], output_dir="unused"))
+    model = run_training(recipe, data, tmp_path / "run", progress=False)
+    assert [r.sample_id for r in model.processor.bad_samples] == ["r3"]
+    report = capsys.readouterr().out
+    assert "trained 3 step(s) on 6 sample(s)" in report
+    assert "skipped 1 bad record(s) reading the data and 0 bad sample(s) while training" in report and "'r3'" in report
+    assert MultimodalLM.is_checkpoint(tmp_path / "run")

@@ -15,6 +15,7 @@ from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer, Pretrai
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 from ..config import EncoderConfig, LLMConfig
+from ..safe_loading import UnsafeCheckpoint, require_safetensors
 
 
 def resolve_path(name_or_path: str) -> str:
@@ -36,6 +37,20 @@ def hf_config_from_dict(data: dict[str, Any]) -> PretrainedConfig:
     return CONFIG_MAPPING[model_type].from_dict(data)
 
 
+def from_pretrained_safetensors(auto_class, name_or_path: str, **kwargs) -> transformers.PreTrainedModel:
+    """``auto_class.from_pretrained`` reading safetensors only: a local directory with pickle-based
+    weights, or a checkpoint without safetensors, raises :class:`UnsafeCheckpoint` naming the path."""
+    path = resolve_path(name_or_path)
+    require_safetensors(path)
+    try:
+        return auto_class.from_pretrained(path, use_safetensors=True, **kwargs)
+    except OSError as err:
+        if "safetensors" not in str(err):
+            raise
+        raise UnsafeCheckpoint(f"{path}: no safetensors weights ({err}); mmfuse loads weights from safetensors only, "
+                               "because unpickling runs arbitrary code") from err
+
+
 def _dtype(name: str) -> torch.dtype:
     try:
         return getattr(torch, name)
@@ -50,7 +65,7 @@ def load_llm(cfg: LLMConfig) -> transformers.PreTrainedModel:
         return AutoModelForCausalLM.from_config(hf_config_from_dict(cfg.hf_config), dtype=dtype)
     if cfg.name_or_path is None:
         raise ValueError("llm: give either name_or_path or hf_config")
-    return AutoModelForCausalLM.from_pretrained(resolve_path(cfg.name_or_path), dtype=dtype)
+    return from_pretrained_safetensors(AutoModelForCausalLM, cfg.name_or_path, dtype=dtype)
 
 
 def load_tokenizer(cfg: LLMConfig, fallback: str | None = None):
@@ -78,7 +93,7 @@ def load_encoder_model(cfg: EncoderConfig) -> transformers.PreTrainedModel:
         return AutoModel.from_config(hf_config_from_dict(cfg.hf_config))
     if cfg.name_or_path is None:
         raise ValueError(f"encoders.{cfg.modality}: give either name_or_path or hf_config")
-    return AutoModel.from_pretrained(resolve_path(cfg.name_or_path))
+    return from_pretrained_safetensors(AutoModel, cfg.name_or_path)
 
 
 def load_media_processor(cfg: EncoderConfig, model_config: PretrainedConfig, directory: str | None = None):
@@ -135,6 +150,7 @@ def config_dict(config: PretrainedConfig) -> dict[str, Any]:
 __all__ = [
     "config_dict",
     "default_processor",
+    "from_pretrained_safetensors",
     "hf_config_from_dict",
     "load_encoder_model",
     "load_llm",

@@ -23,6 +23,7 @@ from mmfuse.codecs.base import MediaCodec
 from mmfuse.codecs.image import ImageCodec, pretrain_image_codec
 from mmfuse.codecs.pretrained import PRETRAINED_BY_MODEL_TYPE, ChameleonCodec, DacCodec, EncodecCodec, MimiCodec
 from mmfuse.codecs.semantic import SemanticAudioCodec, pretrain_semantic_audio
+from mmfuse.safe_loading import require_safetensors
 
 SETTINGS_NAME = "codec.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -61,10 +62,12 @@ def save_codec(codec: MediaCodec, directory: str | Path) -> Path:
 
 def load_codec(name_or_path: str | Path) -> MediaCodec:
     """A codec in eval mode from ``world:<name>``, a :func:`save_codec` directory, or a transformers
-    codec checkpoint (hub id or path; its config's ``model_type`` picks the wrapper)."""
+    codec checkpoint (hub id or path; its config's ``model_type`` picks the wrapper). Safetensors only:
+    pickle-based weights are refused (:class:`~mmfuse.safe_loading.UnsafeCheckpoint`)."""
     from mmfuse.backbones.loading import resolve_path, saved_processor
 
     path = resolve_path(str(name_or_path))
+    require_safetensors(path, WEIGHTS_NAME if (Path(path) / SETTINGS_NAME).is_file() else "*.safetensors")
     if (Path(path) / SETTINGS_NAME).is_file():
         codec = build_codec(json.loads((Path(path) / SETTINGS_NAME).read_text()))
         load_model(codec, str(Path(path) / WEIGHTS_NAME), strict=True)

@@ -49,7 +49,7 @@ class _TransformersCodec(MediaCodec):
     @classmethod
     def from_pretrained(cls, name_or_path: str, **options) -> "_TransformersCodec":
         """Load a checkpoint (hub id or directory) and the processor saved with it, if any."""
-        return cls._wrap(cls.model_class.from_pretrained(name_or_path), name_or_path, **options)
+        return cls._wrap(cls.model_class.from_pretrained(name_or_path, use_safetensors=True), name_or_path, **options)
 
     @classmethod
     def _wrap(cls, model: transformers.PreTrainedModel, name_or_path: str, **options) -> "_TransformersCodec":
@@ -88,7 +88,7 @@ class ChameleonCodec(_TransformersCodec):
         (``model_type`` "chameleon", e.g. facebook/chameleon-7b: only its ``model.vqmodel.*`` tensors are read)."""
         config = AutoConfig.from_pretrained(name_or_path)
         if config.model_type != "chameleon":
-            return cls._wrap(ChameleonVQVAE.from_pretrained(name_or_path), name_or_path)
+            return cls._wrap(ChameleonVQVAE.from_pretrained(name_or_path, use_safetensors=True), name_or_path)
         model = ChameleonVQVAE(config.vq_config)
         model.load_state_dict(_prefixed_tensors(name_or_path, "model.vqmodel."), strict=True)
         return cls._wrap(model, name_or_path)

@@ -181,7 +181,7 @@ def pretrain_semantic_audio(
     bars = transformers.utils.logging.is_progress_bar_enabled()
     transformers.utils.logging.disable_progress_bar()  # from_pretrained would draw one under the build's
     try:
-        whisper = transformers.WhisperModel.from_pretrained(path)
+        whisper = transformers.WhisperModel.from_pretrained(path, use_safetensors=True)
     finally:
         if bars:
             transformers.utils.logging.enable_progress_bar()

@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import torch
 
+from .badsamples import Skipped
 from .processor import IGNORE_INDEX, Encoded
 
 
 class Collator:
-    """``list[Encoded | None] -> batch dict``.
+    """``list[Encoded | Skipped] -> batch dict``.
 
     Batch: ``input_ids``/``attention_mask``/``labels`` ``(B, L)``, ``media`` modality -> ``(items, ...)``
-    with items in batch order, ``ids`` the sample ids. ``None`` entries (samples the processor skipped
-    and counted) are left out. ``padding_side="left"`` for batched generation.
+    with items in batch order, ``ids`` the sample ids, ``skipped`` the :class:`Skipped` records of the
+    samples the processor skipped, which are left out (a batch of skipped samples only has ``B = 0``).
+    The records travel with the batch so that the main process counts what loader workers skipped.
+    ``padding_side="left"`` for batched generation.
     """
 
     def __init__(self, pad_token_id: int, padding_side: str = "right"):
@@ -21,11 +24,12 @@ class Collator:
         self.pad_token_id = pad_token_id
         self.padding_side = padding_side
 
-    def __call__(self, features: list[Encoded | None]) -> dict:
-        features = [f for f in features if f is not None]
+    def __call__(self, features: list[Encoded | Skipped]) -> dict:
         if not features:
-            raise ValueError("collate: every sample in the batch was skipped; see the processor's skipped list")
-        length = max(len(f.input_ids) for f in features)
+            raise ValueError("collate: the batch is empty")
+        skipped = [f for f in features if isinstance(f, Skipped)]
+        features = [f for f in features if not isinstance(f, Skipped)]
+        length = max((len(f.input_ids) for f in features), default=0)
         input_ids = torch.full((len(features), length), self.pad_token_id, dtype=torch.long)
         labels = torch.full((len(features), length), IGNORE_INDEX, dtype=torch.long)
         attention_mask = torch.zeros((len(features), length), dtype=torch.long)
@@ -49,4 +53,5 @@ class Collator:
             "labels": labels,
             "media": media,
             "ids": [f.id for f in features],
+            "skipped": skipped,
         }

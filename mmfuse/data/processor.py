@@ -12,7 +12,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+from jinja2.exceptions import TemplateError
 
+from .badsamples import BadSample, BadSampleLog, Skipped, check_policy
 from .media import MediaProcessor
 from .schema import END_OF_CHUNK, MARKER_RE, MARKERS, Message, Sample
 
@@ -38,18 +40,21 @@ class Encoded:
     media: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
-class SampleTooLong(ValueError):
+class SampleTooLong(BadSample):
     """A sample does not fit ``max_length`` (never truncated: truncation could cut a media span)."""
 
 
 class Processor:
-    """Callable ``(sample, for_generation=False) -> Encoded``.
+    """Callable ``(sample, for_generation=False) -> Encoded | Skipped``.
 
     ``count_tokens(modality, item_shape)`` returns how many vectors the connector yields for one item
     of that input shape; ``layout(modality, n)`` returns the ids standing for it.
-    ``on_overflow``: "error" raises :class:`SampleTooLong`; "skip" returns ``None`` and records the id in
-    ``self.skipped``. ``label_media``: media inside a learned span keep their layout ids as labels
-    (Type-D learns to generate them; the strategy turns placeholder labels into codes).
+    ``on_bad_sample``: for a sample that cannot be used (unreadable media, marker/media mismatch, longer
+    than ``max_length``: :class:`SampleTooLong`, ...), "error" raises the :class:`BadSample`; "skip"
+    returns a :class:`Skipped` record and adds it to ``self.bad_samples`` (print
+    ``self.bad_samples.summary()`` at the end of a run; in a loader worker the records reach the main
+    process in ``batch["skipped"]``). ``label_media``: media inside a learned span keep their layout ids
+    as labels (Type-D learns to generate them; the strategy turns placeholder labels into codes).
     ``task_prefixes``: ``meta["task"]`` -> text put before the first user turn (AudioPaLM's ``[ASR]``).
     """
 
@@ -62,7 +67,7 @@ class Processor:
         *,
         max_length: int = 512,
         chat_template: str | None = None,
-        on_overflow: str = "error",
+        on_bad_sample: str = "error",
         label_media: bool = False,
         task_prefixes: dict[str, str] | None = None,
     ):
@@ -72,10 +77,10 @@ class Processor:
         self.layout = layout
         self.max_length = max_length
         self.chat_template = chat_template or tokenizer.chat_template or PLAIN_TEMPLATE
-        self.on_overflow = on_overflow
+        self.on_bad_sample = check_policy(on_bad_sample)
         self.label_media = label_media
         self.task_prefixes = dict(task_prefixes or {})
-        self.skipped: list[str] = []
+        self.bad_samples = BadSampleLog()
         self.stop_token_ids = self._stop_token_ids()
 
     # -- text ---------------------------------------------------------------------------------
@@ -112,8 +117,8 @@ class Processor:
         text = (self.tokenizer.bos_token or "") + sample.messages[0].content
         markers = [(m.start(), m.end()) for m in MARKER_RE.finditer(text)]
         if not markers:
-            raise ValueError(f"sample {sample.id!r}: field 'text' has no media marker; a document is learned only "
-                             "from the text that follows its media")
+            raise BadSample.of(sample.id, "text", "has no media marker; a document is learned only from the text that "
+                               "follows its media", kind="nothing to learn")
         spans = []
         for (_, start), (following, _) in zip(markers, [*markers[1:], (len(text), len(text))]):
             close = text.find(END_OF_CHUNK, start, following)
@@ -135,28 +140,29 @@ class Processor:
         return sorted(ids)
 
     # -- samples ------------------------------------------------------------------------------
-    def __call__(self, sample: Sample, for_generation: bool = False) -> Encoded | None:
+    def __call__(self, sample: Sample, for_generation: bool = False) -> Encoded | Skipped:
+        try:
+            return self._encode(sample, for_generation)
+        except BadSample as err:
+            if self.on_bad_sample == "error":
+                raise
+            return self.bad_samples.record(err)
+
+    def _encode(self, sample: Sample, for_generation: bool) -> Encoded:
         sample.validate()
         sample = self.with_task_prefix(sample)
         missing = sorted({m for m, items in sample.media.items() if items} - set(self.media_processors))
         if missing:
-            raise ValueError(f"sample {sample.id!r}: field {missing[0]!r} has media but the model has no {missing[0]} encoder")
+            raise BadSample.of(sample.id, missing[0], f"has media but the model has no {missing[0]} encoder", kind="no encoder")
         media = {
             modality: [self.media_processors[modality](item, sample.id, i) for i, item in enumerate(items)]
             for modality, items in sample.media.items()
             if items
         }
-        if sample.is_document and for_generation:  # generation continues the document as it stands
-            text, spans = (self.tokenizer.bos_token or "") + sample.messages[0].content, []
-        elif sample.is_document:
-            text, spans = self.document_spans(sample)
-        elif for_generation:
-            messages, _ = sample.prompt_and_answer() if sample.messages[-1].role == "assistant" else (sample.messages, "")
-            text, spans = self.render(messages, add_generation_prompt=True), []
-        else:
-            text, spans = self.assistant_spans(sample.id, sample.messages)
-            if not spans:
-                raise ValueError(f"sample {sample.id!r}: field 'conversations' has no assistant turn to learn from")
+        try:
+            text, spans = self._text_and_spans(sample, for_generation)
+        except TemplateError as err:  # e.g. a template that insists on alternating roles
+            raise BadSample.of(sample.id, "conversations", f"the chat template refuses it ({err})") from err
 
         input_ids: list[int] = []
         labels: list[int] = []
@@ -177,17 +183,31 @@ class Processor:
 
         if not for_generation and all(label == IGNORE_INDEX for label in labels):
             what = "no text follows its media" if sample.is_document else "the assistant turns produced no tokens"
-            raise ValueError(f"sample {sample.id!r}: every label is masked; {what}")
+            raise BadSample.of(sample.id, "labels", f"every label is masked; {what}", kind="nothing to learn")
         if len(input_ids) > self.max_length:
-            if self.on_overflow == "skip":
-                self.skipped.append(sample.id)
-                return None
-            raise SampleTooLong(
-                f"sample {sample.id!r}: {len(input_ids)} tokens (media included) exceed max_length {self.max_length}; "
-                "raise max_length or set on_overflow='skip' (samples are never truncated)"
+            raise SampleTooLong.of(
+                sample.id, "input_ids", f"{len(input_ids)} tokens (media included) exceed max_length {self.max_length}; "
+                "raise max_length or set on_bad_sample='skip' (samples are never truncated)", kind="too long"
             )
         stacked = {m: torch.stack(items) for m, items in media.items()}
         return Encoded(sample.id, input_ids, labels, stacked)
+
+    def _text_and_spans(self, sample: Sample, for_generation: bool) -> tuple[str, list[tuple[int, int]]]:
+        """The text to tokenize and the character spans that get labels."""
+        if sample.is_document and for_generation:  # generation continues the document as it stands
+            return (self.tokenizer.bos_token or "") + sample.messages[0].content, []
+        if sample.is_document:
+            return self.document_spans(sample)
+        if sample.messages[0].role == "assistant":
+            raise BadSample.of(sample.id, "conversations[0]", "the conversation starts with an assistant turn; nothing "
+                               "prompts it")
+        if for_generation:
+            messages, _ = sample.prompt_and_answer() if sample.messages[-1].role == "assistant" else (sample.messages, "")
+            return self.render(messages, add_generation_prompt=True), []
+        text, spans = self.assistant_spans(sample.id, sample.messages)
+        if not spans:
+            raise BadSample.of(sample.id, "conversations", "has no assistant turn to learn from", kind="nothing to learn")
+        return text, spans
 
     def with_task_prefix(self, sample: Sample) -> Sample:
         """``sample`` with its task's prefix before its first user turn (unchanged without one)."""

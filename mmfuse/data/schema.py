@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .badsamples import BadSample
+
 MARKERS = {"image": "<image>", "audio": "<audio>", "video": "<video>"}
 MARKER_RE = re.compile("|".join(re.escape(m) for m in MARKERS.values()))  # any media marker
 END_OF_CHUNK = "<|endofchunk|>"  # closes the text tied to one media item in a document (OpenFlamingo)
@@ -30,7 +32,8 @@ class Message:
 class Sample:
     """One training or evaluation example.
 
-    ``media[m]`` lists the files (or already loaded arrays) for modality ``m`` in marker order;
+    ``media[m]`` lists the items for modality ``m`` in marker order, each one a file path, the file's
+    bytes, or an already loaded item (a PIL image, an audio array; see :mod:`mmfuse.data.media`);
     ``meta`` carries free-form annotations (question kind, reference answer, split, ...).
     """
 
@@ -47,23 +50,28 @@ class Sample:
         return {m: sum(msg.content.count(tok) for msg in self.messages) for m, tok in MARKERS.items()}
 
     def validate(self) -> None:
-        """Raise ``ValueError`` naming the sample and field when the sample is malformed."""
+        """Raise :class:`BadSample` naming the sample and field when the sample is malformed."""
         if not self.messages:
-            raise ValueError(f"sample {self.id!r}: field 'conversations' is empty")
+            raise BadSample.of(self.id, "conversations", "is empty")
         for i, msg in enumerate(self.messages):
             if msg.role not in ROLES:
-                raise ValueError(f"sample {self.id!r}: conversations[{i}] has role {msg.role!r}; expected one of {ROLES}")
+                raise BadSample.of(self.id, f"conversations[{i}]", f"has role {msg.role!r}; expected one of {ROLES}")
             if not isinstance(msg.content, str):
-                raise ValueError(f"sample {self.id!r}: conversations[{i}].value must be a string, got {type(msg.content).__name__}")
+                raise BadSample.of(self.id, f"conversations[{i}].value", f"must be a string, got {type(msg.content).__name__}")
+            try:
+                msg.content.encode("utf-8")
+            except UnicodeEncodeError as err:
+                raise BadSample.of(self.id, f"conversations[{i}].value", f"is not valid Unicode text ({err.reason} at "
+                                   f"character {err.start})", kind="invalid text") from err
         if any(m.role == "document" for m in self.messages) and not self.is_document:
-            raise ValueError(f"sample {self.id!r}: a 'document' turn must be the sample's only turn")
+            raise BadSample.of(self.id, "conversations", "a 'document' turn must be the sample's only turn")
         counts = self.marker_counts()
         for modality, n_markers in counts.items():
             n_media = len(self.media.get(modality, []))
             if n_markers != n_media:
-                raise ValueError(
-                    f"sample {self.id!r}: field {modality!r} lists {n_media} file(s) but the conversation has "
-                    f"{n_markers} {MARKERS[modality]} marker(s); they must match one to one"
+                raise BadSample.of(
+                    self.id, modality, f"lists {n_media} item(s) but the text has {n_markers} {MARKERS[modality]} "
+                    "marker(s); they must match one to one", kind="marker mismatch"
                 )
 
     def prompt_and_answer(self) -> tuple[list[Message], str]:
@@ -71,10 +79,10 @@ class Sample:
         A document prompt (the model continues it) keeps its reference in ``meta["answer"]``."""
         if self.is_document:
             if "answer" not in self.meta:
-                raise ValueError(f"sample {self.id!r}: a document prompt needs its reference in meta['answer']")
+                raise BadSample.of(self.id, "meta", "a document prompt needs its reference in meta['answer']")
             return self.messages, self.meta["answer"]
         if self.messages[-1].role != "assistant":
-            raise ValueError(f"sample {self.id!r}: the last turn must be the assistant's answer")
+            raise BadSample.of(self.id, "conversations", "the last turn must be the assistant's answer")
         return self.messages[:-1], self.messages[-1].content
 
     def resolve(self, root: Path) -> "Sample":

@@ -64,7 +64,9 @@ from mmfuse.train.checkpoint import (
     start_checkpoint,
     temp_dir,
 )
+from mmfuse.data.badsamples import BadSampleLog
 from mmfuse.data.processor import IGNORE_INDEX
+from mmfuse.safe_loading import require_safetensors
 from mmfuse.train.config import StageConfig, TrainConfig
 from mmfuse.train.lora import lora_parameters, merge_lora
 from mmfuse.train.sharding import (
@@ -155,11 +157,14 @@ class Trainer:
     """Trains ``model`` through ``config.stages``; see the module docstring.
 
     ``datasets`` maps the names stages list in ``data`` to datasets whose items ``collate_fn`` turns
-    into the batch dict ``model(**batch)`` takes. ``export_fn(model, output_dir)`` writes the final
+    into the batch dict ``model(**batch, num_items_in_batch=n)`` takes; its ``.loss`` must be the
+    batch's summed token loss over ``n``, the global batch's labelled tokens (as transformers' LMs do). ``export_fn(model, output_dir)`` writes the final
     model (default: ``model.save_pretrained(output_dir)``). Metrics go to ``metrics_path``
     (default ``output_dir/metrics.jsonl``), one JSON object per logged step. ``on_step(model, position)``
     runs after every optimizer step (and after that step's checkpoint, so work it does is not
-    repeated on resume); it must not change the weights or draw from the RNGs.
+    repeated on resume); it must not change the weights or draw from the RNGs. Batches may carry
+    ``"skipped"``: records of samples the processor skipped; they are counted (``Position``) and added
+    to ``bad_samples`` (the processor's :class:`~mmfuse.data.badsamples.BadSampleLog`).
     """
 
     def __init__(
@@ -173,6 +178,7 @@ class Trainer:
         metrics_path: str | Path | None = None,
         export_fn: ExportFn | None = None,
         on_step: Callable[[nn.Module, Position], None] | None = None,
+        bad_samples: BadSampleLog | None = None,
     ):
         missing = sorted({name for s in config.stages for name in s.data} - set(datasets))
         if missing:
@@ -189,6 +195,7 @@ class Trainer:
         self.metrics_path = Path(metrics_path) if metrics_path else self.output_dir / "metrics.jsonl"
         self.export_fn = export_fn or (lambda m, path: m.save_pretrained(path))
         self.on_step = on_step
+        self.bad_samples = bad_samples
 
     def train(self, resume: bool = False) -> None:
         """Run every stage, then export. ``resume``: continue from the newest complete checkpoint
@@ -201,6 +208,7 @@ class Trainer:
             position = Position()
             set_seed(self.config.seed + state.process_index)
         else:
+            require_safetensors(checkpoint, WEIGHTS_FILE)
             position = self._read_position(checkpoint)
             if position.stage_done:  # the next stage starts afresh from these weights and RNG states
                 load_weights(self.model, checkpoint / WEIGHTS_FILE)
@@ -210,6 +218,7 @@ class Trainer:
             self._trim_metrics(position.global_step)
         self._clock = time.monotonic() - position.elapsed
         self.position = position  # where the run is; after train(), its end (e.g. ``nonfinite_skipped``)
+        self.is_main_process = state.is_main_process
         first = position.stage_index + 1 if position.stage_done else position.stage_index
         show = self.progress and state.is_main_process and Console().is_terminal
         with _progress_bar(disable=not show) as bar:
@@ -260,10 +269,12 @@ class Trainer:
             micro_batches = [next(batches) for _ in range(stage.grad_accum)]
             pos.epoch, pos.batch_in_epoch = micro_batches[-1][:2]
             counts = torch.stack([label_count(b, accelerator.device) for *_, b in micro_batches])
-            skipped = sum(len(b.pop("skipped", [])) for *_, b in micro_batches)  # bad samples the processor skipped
+            skipped = [r for *_, b in micro_batches for r in b.pop("skipped", [])]  # bad samples the processor skipped
+            if self.bad_samples is not None:
+                self.bad_samples.add(skipped)  # a loader worker's records reach the main process only this way
             # every labelled token of the global batch weighs the same, whatever process or micro-batch it is in
             labelled, empty, skipped = accelerator.reduce(
-                torch.stack([counts.sum(), (counts == 0).sum(), counts.new_tensor(skipped)]), "sum").tolist()
+                torch.stack([counts.sum(), (counts == 0).sum(), counts.new_tensor(len(skipped))]), "sum").tolist()
             pos.bad_samples_skipped += skipped
             if empty:  # a micro-batch whose samples were all skipped: every process drops the step together
                 self._record(accelerator, stage, pos, dropped="a micro-batch of skipped samples only")
