@@ -54,9 +54,11 @@ def run_training(
     batch_size: int | None = None,
     progress: bool = True,
     allow_outside_root: bool = False,
+    on_step=None,
 ) -> MultimodalLM:
     """Train ``recipe`` on ``data`` into ``out`` and return the trained model. ``allow_outside_root``:
-    accept media paths outside a dataset file's directory."""
+    accept media paths outside a dataset file's directory. ``on_step(model, position)``: the trainer's
+    per-step callback (see :class:`~mmfuse.train.Trainer`)."""
     out = Path(out)
     recipe = prepare_recipe(recipe, out, seed=seed, steps_scale=steps_scale, save_every=save_every, batch_size=batch_size)
     out.mkdir(parents=True, exist_ok=True)
@@ -74,7 +76,8 @@ def run_training(
     datasets = {name: training_dataset(data, name, model.processor, recipe.train.shuffle_buffer, allow_outside_root)
                 for name in names}
     read_skipped = len(model.processor.bad_samples)  # bad records left out while reading the data
-    trainer = Trainer(model, recipe.train, datasets, model.collator(), progress=progress, bad_samples=model.processor.bad_samples)
+    trainer = Trainer(model, recipe.train, datasets, model.collator(), progress=progress, on_step=on_step,
+                      bad_samples=model.processor.bad_samples)
     trainer.train(resume=resume)
     if trainer.is_main_process:
         print(run_summary(trainer.position, read_skipped, model.processor.bad_samples))

@@ -63,7 +63,8 @@ def launch(*args: str) -> subprocess.CompletedProcess:
            "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port),
            *map(str, args)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    first_error = proc.stderr.find("Traceback")  # the launcher's own report that follows says little
+    assert proc.returncode == 0, proc.stderr[first_error:first_error + 6000] if first_error >= 0 else proc.stderr[-4000:]
     return proc
 
 
@@ -114,9 +115,10 @@ def flamingo_recipe(tmp_path_factory, tokenizer_dir):
 def test_fsdp_trains_a_frozen_llm_stage_and_one_process_loads_it(world, flamingo_recipe, tmp_path):
     """Two FSDP2 processes (each holding half of every parameter) train like one process with the same
     global batch; a run resumed from a mid-stage checkpoint (sharded optimizer state) ends bit-identical;
-    the export loads in one process, the frozen LLM untouched, with the single-process run's logits."""
-    fsdp = ("--use_fsdp", "--fsdp_version", "2", "--module", "mmfuse.cli", "train", flamingo_recipe, "--data", world)
-    launch(*fsdp, "--out", tmp_path / "fsdp")
+    the export loads in one process, the frozen LLM untouched, with the very logits the sharded model
+    computed (and the single-process run's, within 1e-5)."""
+    fsdp = ("--use_fsdp", "--fsdp_version", "2")
+    launch(*fsdp, __file__, "fsdp", tmp_path / "fsdp", flamingo_recipe, world)  # run_training, keeping the sharded logits
     single = subprocess.run([*CLI, "train", str(flamingo_recipe), "--data", str(world), "--out", str(tmp_path / "single"),
                              "--batch-size", "4"], capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert single.returncode == 0, single.stderr[-3000:]
@@ -129,7 +131,7 @@ def test_fsdp_trains_a_frozen_llm_stage_and_one_process_loads_it(world, flamingo
     resumed = tmp_path / "resumed"  # a copy of the run as it was at step 2, inside the first stage
     (resumed / "checkpoints").mkdir(parents=True)
     os.rename(tmp_path / "fsdp" / "checkpoints" / "step-000002", resumed / "checkpoints" / "step-000002")
-    launch(*fsdp, "--out", resumed, "--resume")
+    launch(*fsdp, "--module", "mmfuse.cli", "train", flamingo_recipe, "--data", world, "--out", resumed, "--resume")
     final = load_file(tmp_path / "fsdp" / "model.safetensors")
     assert {k: v.tolist() for k, v in load_file(resumed / "model.safetensors").items()} == {k: v.tolist() for k, v in final.items()}
 
@@ -138,13 +140,42 @@ def test_fsdp_trains_a_frozen_llm_stage_and_one_process_loads_it(world, flamingo
     built = MultimodalLM.from_config(model.config)
     for name, param in built.llm.named_parameters():
         assert torch.equal(param, model.llm.get_parameter(name)), f"frozen {name} moved"
-    samples = load_samples(world / "image_qa_test.json")[:4]
-    batch = model.collator()([model.processor(s) for s in samples])
+    batch = probe_batch(model, world)
     with torch.no_grad():
-        torch.testing.assert_close(model(**batch).logits, reference(**batch).logits, rtol=0, atol=1e-5)
+        logits = model(**batch).logits
+    assert torch.equal(logits, load_file(tmp_path / "fsdp" / "sharded_logits.safetensors")["logits"])
+    with torch.no_grad():
+        torch.testing.assert_close(logits, reference(**batch).logits, rtol=0, atol=1e-5)
+
+
+def probe_batch(model, world: Path) -> dict:
+    return model.collator()([model.processor(s) for s in load_samples(world / "image_qa_test.json")[:4]])
+
+
+def train_fsdp_keeping_logits(out: str, recipe: str, world: str) -> None:
+    """``run_training`` under FSDP; after the last step the sharded model (every process takes part)
+    computes the logits of a probe batch, and the main process saves them."""
+    from accelerate import PartialState
+    from safetensors.torch import save_file
+
+    from mmfuse.recipe import load_recipe
+    from mmfuse.training import run_training
+
+    last = sum(stage.steps for stage in load_recipe(recipe).train.stages)
+
+    def keep_logits(model, position) -> None:
+        if position.global_step == last:
+            with torch.no_grad():
+                logits = model.eval()(**probe_batch(model, Path(world))).logits
+            if PartialState().is_main_process:
+                save_file({"logits": logits.contiguous()}, Path(out) / "sharded_logits.safetensors")
+
+    run_training(recipe, world, out, progress=False, on_step=keep_logits)
 
 
 if __name__ == "__main__":
     mode, out = sys.argv[1], sys.argv[2]
     if mode == "ddp":
         train_ddp(out, batch_size=2)
+    elif mode == "fsdp":
+        train_fsdp_keeping_logits(out, *sys.argv[3:])
