@@ -139,7 +139,10 @@ def train(
     start = time.time()
     run_training(recipe, data, out, resume=resume, seed=seed, steps_scale=steps_scale, save_every=save_every, batch_size=batch_size,
                  allow_outside_root=allow_outside_root)
-    console.print(f"trained {recipe} into {out} in {time.time() - start:.1f} s")
+    from accelerate import PartialState
+
+    if PartialState().is_main_process:  # under `accelerate launch`, one line for the run
+        console.print(f"trained {recipe} into {out} in {time.time() - start:.1f} s")
 
 
 @app.command("eval")
