@@ -589,3 +589,6 @@ def test_json_text_details(tmp_path):
     (tmp_path / "e.jsonl").write_text(line + "\n{oops\n")
     with pytest.raises(ValueError, match=r"e.jsonl:2: invalid JSON"):
         load_samples(tmp_path / "e.jsonl")
+    log = BadSampleLog()  # under skip, one bad line costs one record, not the file
+    assert [s.id for s in load_samples(tmp_path / "e.jsonl", on_bad_sample="skip", log=log)] == ["x"]
+    assert log.counts() == {"invalid JSON": 1} and "e.jsonl:2" in next(iter(log)).message

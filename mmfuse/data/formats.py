@@ -59,8 +59,17 @@ def _parse_json(text: str, where: str) -> Any:
         raise ValueError(f"{where}: invalid JSON ({err})") from err
 
 
+def _parse_line(line: str, path: Path, number: int) -> Any:
+    try:
+        return _parse_json(line, f"{path}:{number}")
+    except ValueError as err:
+        return BadSample.of(f"{path.name}:{number}", "line", str(err), kind="invalid JSON")
+
+
 def read_records(path: str | Path) -> list[Any]:
-    """JSON list or JSON lines -> records (each should be an object; :func:`load_samples` checks)."""
+    """JSON list or JSON lines -> records (each should be an object; :func:`load_samples` checks). In
+    JSON lines, a line that is not valid JSON comes back as its :class:`BadSample`, which
+    :func:`load_samples` raises or skips like any other bad record."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"dataset file {str(path)!r} does not exist")
@@ -71,7 +80,7 @@ def read_records(path: str | Path) -> list[Any]:
     except UnicodeDecodeError as err:
         raise ValueError(f"{path}: not valid UTF-8 at byte {bom + err.start} ({err.reason})") from err
     if path.suffix == ".jsonl":  # lines end at "\n" only: other line breaks may sit inside JSON strings
-        return [_parse_json(line, f"{path}:{n}") for n, line in enumerate(text.split("\n"), 1) if line.strip()]
+        return [_parse_line(line, path, n) for n, line in enumerate(text.split("\n"), 1) if line.strip()]
     records = _parse_json(text, str(path))
     if not isinstance(records, list):
         raise ValueError(f"{path}: expected a list of objects (one per sample), got {type(records).__name__}")
@@ -273,6 +282,8 @@ def _to_samples(records: Iterable[Any], source: str, resolve: Resolve, on_bad_sa
     samples, seen = [], set()
     for index, record in enumerate(records):
         try:
+            if isinstance(record, BadSample):  # a JSON line that did not parse
+                raise record
             if not isinstance(record, dict):
                 raise BadSample.of(f"{source}#{index}", "record", f"must be an object, got {type(record).__name__}")
             sample_id = _sample_id(record, index, source)
