@@ -50,17 +50,20 @@ def data_shard(
     out: Path = typer.Option(..., help="Directory for shard-*.tar and index.json (must hold no shards yet)."),
     samples_per_shard: int = typer.Option(1000, help="At most this many samples per shard; use at least as many shards as training ranks."),
     allow_outside_root: bool = typer.Option(False, help="Accept media paths outside the dataset file's directory (refused by default)."),
+    skip_bad: bool = typer.Option(False, help="Leave malformed records and samples with missing media out, and list them (default: stop at the first)."),
 ):
     """Convert a dataset file into webdataset tar shards that training streams."""
     from rich.markup import escape
 
+    from .data.badsamples import BadSampleLog
     from .data.shards import write_shards
 
-    start = time.time()
+    start, log = time.time(), BadSampleLog()
     try:
         with _progress() as bar:
             task = bar.add_task(f"sharding {source.name}", total=None)
             index = write_shards(source, out, samples_per_shard=samples_per_shard, allow_outside_root=allow_outside_root,
+                                 on_bad_sample="skip" if skip_bad else "error", log=log,
                                  progress=lambda done, total: bar.update(task, completed=done, total=total))
     except (ValueError, OSError) as err:  # bad input: the message names the file, sample and field
         console.print(f"[red]error:[/red] {escape(str(err))}")
@@ -68,6 +71,8 @@ def data_shard(
     sizes = sorted({s["samples"] for s in index["shards"]})
     console.print(f"wrote {index['samples']} samples in {len(index['shards'])} shard(s) of "
                   f"{'-'.join(map(str, sizes))} samples to {out} (index.json) in {time.time() - start:.1f} s")
+    if len(log):
+        console.print(escape(log.summary()))
 
 
 @backbones_app.command("build")

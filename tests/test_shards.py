@@ -14,6 +14,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from mmfuse.cli import app
+from mmfuse.data.badsamples import BadSampleLog
 from mmfuse.data.formats import load_samples
 from mmfuse.data.media import load_video
 from mmfuse.data.shards import ShardStream, write_shards
@@ -177,6 +178,11 @@ def test_missing_media_names_the_sample_and_leaves_no_shards(world, tmp_path):
     with pytest.raises(ValueError, match=rf"sample '{records[22]['id']}': field 'image'\[0\]: file .*missing.png' does not exist"):
         write_shards(path, out, samples_per_shard=10)
     assert list(out.iterdir()) == []  # two finished shards were written, then removed
+    log = BadSampleLog()
+    index = write_shards(path, out, samples_per_shard=10, on_bad_sample="skip", log=log)
+    assert index["samples"] == 24 and [r.sample_id for r in log] == [records[22]["id"]]
+    assert log.counts() == {"missing file": 1}
+    assert records[22]["id"] not in _ids(ShardStream(out).epoch(seed=0))
 
 
 def test_directory_for_an_image_is_refused(world, tmp_path):
@@ -215,6 +221,12 @@ def test_cli_shard(world, tmp_path):
     assert len(ShardStream(out)) == total
     again = runner.invoke(app, ["data", "shard", str(world / "image_qa_train.json"), "--out", str(out)])
     assert again.exit_code == 1 and "already holds shards" in " ".join(again.output.split())
+    records = json.loads((world / "image_qa_train.json").read_text())[:5]
+    records[1]["image"] = "images/missing.png"
+    (world / "holes_train.json").write_text(json.dumps(records))
+    skipping = runner.invoke(app, ["data", "shard", str(world / "holes_train.json"), "--out", str(tmp_path / "s"), "--skip-bad"])
+    said = " ".join(skipping.output.split())
+    assert skipping.exit_code == 0 and "wrote 4 samples" in said and "skipped 1 bad sample(s): 1 missing file" in said
 
 
 def test_stream_samples_feed_the_processor(world, tokenizer_dir, tmp_path):

@@ -25,6 +25,7 @@ from typing import Any
 import webdataset
 from webdataset.tariterators import group_by_keys, tar_file_iterator
 
+from .badsamples import BadSample, BadSampleLog
 from .formats import load_samples
 from .schema import Message, Sample
 
@@ -38,32 +39,52 @@ def shard_name(number: int) -> str:
     return f"shard-{number:06d}.tar"
 
 
+Member = tuple[str, Path]  # (member name in the shard, the file it holds)
+
+
+def _media_files(sample: Sample, source: str) -> dict[str, list[Member | list[Member]]]:
+    """Per modality, per item, the member it becomes: one for a file, a list of one per frame for a
+    frame directory. A missing file or a misplaced directory is a :class:`BadSample`."""
+    files: dict[str, list[Member | list[Member]]] = {}
+    for modality, items in sample.media.items():
+        files[modality] = []
+        for i, item in enumerate(items):
+            field, path = f"field {modality!r}[{i}]", Path(item)
+            if path.is_file():
+                files[modality].append((f"{modality}-{i}{path.suffix.lower()}", path))
+            elif path.is_dir() and modality == "video":
+                frames = [f for f in sorted(path.iterdir()) if f.suffix.lower() in FRAME_SUFFIXES]
+                if not frames:
+                    raise BadSample.of(sample.id, field, f"frame directory {str(path)!r} has no {'/'.join(FRAME_SUFFIXES)} files",
+                                       kind="missing file", source=source)
+                files[modality].append([(f"{modality}-{i}-{j}{f.suffix.lower()}", f) for j, f in enumerate(frames)])
+            elif path.is_dir():
+                raise BadSample.of(sample.id, field, f"{str(path)!r} is a directory; only a video may be a directory of frames",
+                                   source=source)
+            else:
+                raise BadSample.of(sample.id, field, f"file {str(path)!r} does not exist", kind="missing file", source=source)
+    return files
+
+
 def _media_members(sample: Sample, source: str) -> tuple[dict[str, list], dict[str, bytes]]:
     """Per modality the member names of each item (a list of names for a frame directory), and the
     members' bytes."""
     names: dict[str, list] = {}
     members: dict[str, bytes] = {}
-    for modality, items in sample.media.items():
-        names[modality] = []
-        for i, item in enumerate(items):
-            where = f"{source}: sample {sample.id!r}: field {modality!r}[{i}]"
-            path = Path(item)
-            if path.is_file():
-                member = f"{modality}-{i}{path.suffix.lower()}"
-                members[member] = path.read_bytes()
-                names[modality].append(member)
-            elif path.is_dir() and modality == "video":
-                frames = [f for f in sorted(path.iterdir()) if f.suffix.lower() in FRAME_SUFFIXES]
-                if not frames:
-                    raise ValueError(f"{where}: frame directory {str(path)!r} has no {'/'.join(FRAME_SUFFIXES)} files")
-                frame_members = [f"{modality}-{i}-{j}{f.suffix.lower()}" for j, f in enumerate(frames)]
-                members.update({m: f.read_bytes() for m, f in zip(frame_members, frames)})
-                names[modality].append(frame_members)
-            elif path.is_dir():
-                raise ValueError(f"{where}: {str(path)!r} is a directory; only a video may be a directory of frames")
-            else:
-                raise ValueError(f"{where}: file {str(path)!r} does not exist")
+    for modality, items in _media_files(sample, source).items():
+        names[modality] = [entry[0] if isinstance(entry, tuple) else [name for name, _ in entry] for entry in items]
+        for entry in items:
+            members.update({name: path.read_bytes() for name, path in ([entry] if isinstance(entry, tuple) else entry)})
     return names, members
+
+
+def _has_media_files(sample: Sample, source: str, log: BadSampleLog) -> bool:
+    try:
+        _media_files(sample, source)
+    except BadSample as bad:
+        log.record(bad)
+        return False
+    return True
 
 
 def _shard_bounds(total: int, samples_per_shard: int) -> list[tuple[int, int]]:
@@ -78,12 +99,15 @@ def _shard_bounds(total: int, samples_per_shard: int) -> list[tuple[int, int]]:
 
 
 def write_shards(source_json: Path, out_dir: Path, *, samples_per_shard: int = 1000,
-                 progress: Callable[[int, int], None] | None = None, allow_outside_root: bool = False) -> dict:
+                 progress: Callable[[int, int], None] | None = None, allow_outside_root: bool = False,
+                 on_bad_sample: str = "error", log: BadSampleLog | None = None) -> dict:
     """Write the samples of a LLaVA conversation, interleaved document or caption-pairs file (read by
     :func:`load_samples`) as tar shards of at most ``samples_per_shard`` samples (in file order, spread
     evenly over the fewest shards) and an ``index.json`` into ``out_dir``; return the index.
     ``progress(done, total)`` is called after each sample. ``allow_outside_root``: accept media paths
-    outside the file's directory (see :func:`load_samples`).
+    outside the file's directory (see :func:`load_samples`). ``on_bad_sample="skip"`` leaves malformed
+    records and samples with a missing media file out, into ``log`` (whether a file decodes is the
+    processor's business, when training reads the shards).
 
     Shards are written under ``.partial`` names and renamed once every sample is written; on an error
     the partial files are removed, so ``out_dir`` never holds half a conversion.
@@ -91,7 +115,9 @@ def write_shards(source_json: Path, out_dir: Path, *, samples_per_shard: int = 1
     source_json, out_dir = Path(source_json), Path(out_dir)
     if samples_per_shard < 1:
         raise ValueError(f"samples_per_shard must be at least 1, got {samples_per_shard}")
-    samples = load_samples(source_json, allow_outside_root=allow_outside_root)
+    samples = load_samples(source_json, allow_outside_root=allow_outside_root, on_bad_sample=on_bad_sample, log=log)
+    if on_bad_sample == "skip":
+        samples = [sample for sample in samples if _has_media_files(sample, source_json.name, log)]
     if not samples:
         raise ValueError(f"{source_json}: the dataset has no samples")
     out_dir.mkdir(parents=True, exist_ok=True)
