@@ -91,8 +91,10 @@ def world(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def flamingo_recipe(tmp_path_factory, tokenizer_dir):
-    """Type-A: gated cross-attention blocks and a Perceiver resampler train; the LLM and the vision
-    encoder stay frozen. Two stages, checkpoints every 2 steps (inside the first stage too)."""
+    """Type-A: gated cross-attention blocks and a Perceiver resampler train, then LoRA on the blocks
+    (MultiModal-GPT), then the blocks again; the LLM and the vision encoder stay frozen. Checkpoints
+    every 2 steps (inside the first stage too). LoRA adapters are drawn from each process's own RNG: the
+    processes must agree."""
     path = tmp_path_factory.mktemp("recipe") / "tiny-flamingo.yaml"
     path.write_text(yaml.safe_dump({
         "name": "tiny-flamingo", "survey_type": "A", "description": "tiny FSDP test recipe",
@@ -105,7 +107,9 @@ def flamingo_recipe(tmp_path_factory, tokenizer_dir):
         "train": {"seed": 5, "save_every": 2, "log_every": 1, "keep_checkpoints": 10, "stages": [
             {"name": "xattn", "train": ["connectors", "fusion"], "data": ["image_caption"], "steps": 3, "lr": 1e-3,
              "batch_size": 2, "warmup_ratio": 0.0},
-            {"name": "gates", "train": ["fusion"], "data": ["image_qa"], "steps": 3, "lr": 1e-3, "batch_size": 2},
+            {"name": "lora", "train": ["connectors"], "lora": ["fusion"], "lora_r": 4, "data": ["image_qa"], "steps": 3,
+             "lr": 1e-2, "batch_size": 2, "warmup_ratio": 0.0},
+            {"name": "polish", "train": ["fusion"], "data": ["image_caption"], "steps": 2, "lr": 1e-3, "batch_size": 2},
         ]},
         "eval": {"data": ["image_qa"]},
     }))
@@ -124,7 +128,7 @@ def test_fsdp_trains_a_frozen_llm_stage_and_one_process_loads_it(world, flamingo
     assert single.returncode == 0, single.stderr[-3000:]
     two, one = logged(tmp_path / "fsdp"), logged(tmp_path / "single")
     assert json.loads((tmp_path / "fsdp" / "checkpoints" / "step-000002" / "trainer_state.json").read_text())["fsdp"]
-    assert [m["samples_seen"] for m in two] == [m["samples_seen"] for m in one] == [4 * i for i in range(1, 7)]
+    assert [m["samples_seen"] for m in two] == [m["samples_seen"] for m in one] == [4 * i for i in range(1, 9)]
     for key in ("loss", "grad_norm"):
         assert [m[key] for m in two] == pytest.approx([m[key] for m in one], abs=1e-5), key
 

@@ -44,12 +44,15 @@ def block_classes(model: nn.Module) -> set[type]:
 
 
 def shard_model(model: nn.Module, device: torch.device, mixed_precision: str) -> nn.Module:
-    """A copy of ``model`` on ``device``, ``fully_shard``-ed per block and at the root.
-    ``mixed_precision`` "bf16" computes in bf16 and reduces gradients in fp32."""
+    """A copy of ``model`` on ``device`` with process 0's weights, ``fully_shard``-ed per block and at
+    the root. ``mixed_precision`` "bf16" computes in bf16 and reduces gradients in fp32."""
     if mixed_precision == "fp16":
         raise ValueError("FSDP stages take mixed_precision 'bf16' or 'no' (fp16 needs a grad scaler FSDP2 has no use for)")
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if mixed_precision == "bf16" else MixedPrecisionPolicy()
     replica = copy.deepcopy(model).to(device)
+    with torch.no_grad():  # as DDP does: every process starts from process 0's weights (a LoRA stage
+        for tensor in [*replica.parameters(), *replica.buffers()]:  # draws its adapters from per-process RNGs)
+            torch.distributed.broadcast(tensor, src=0)
     blocks = block_classes(replica)
     for module in list(replica.modules())[1:]:
         if type(module) in blocks:
