@@ -1,6 +1,6 @@
 """Multi-process training under ``accelerate launch`` on 2 CPU processes (gloo): DDP matches one process
-with the same global batch, and FSDP (torch's FSDP2) trains a stage with a frozen LLM, checkpoints,
-resumes and exports a model that one process loads.
+with the same global batch and streams shards resumably, and FSDP (torch's FSDP2) trains a stage with
+a frozen LLM, checkpoints, resumes and exports a model that one process loads.
 
 Run as a script (``python tests/test_distributed.py MODE OUT``) under ``accelerate launch``; the tests
 below launch it.
@@ -150,6 +150,25 @@ def test_fsdp_trains_a_frozen_llm_stage_and_one_process_loads_it(world, flamingo
     assert torch.equal(logits, load_file(tmp_path / "fsdp" / "sharded_logits.safetensors")["logits"])
     with torch.no_grad():
         torch.testing.assert_close(logits, reference(**batch).logits, rtol=0, atol=1e-5)
+
+
+def test_ddp_streams_shards_and_resumes_mid_epoch(world, flamingo_recipe, tmp_path):
+    """Two processes stream the tasks from shards, each its own shards; a run resumed from a checkpoint
+    inside the first stage (each process skips what it had read) ends bit-identical."""
+    from mmfuse.data.shards import write_shards
+
+    data = tmp_path / "data"
+    for task in ("image_caption", "image_qa"):
+        write_shards(world / f"{task}_train.json", data / f"{task}_train", samples_per_shard=4)
+    ddp = ("--multi_gpu", "--module", "mmfuse.cli", "train", flamingo_recipe, "--data", data)
+    launch(*ddp, "--out", tmp_path / "full")
+    assert [m["samples_seen"] for m in logged(tmp_path / "full")] == [4 * i for i in range(1, 9)]
+    resumed = tmp_path / "resumed"
+    (resumed / "checkpoints").mkdir(parents=True)
+    os.rename(tmp_path / "full" / "checkpoints" / "step-000002", resumed / "checkpoints" / "step-000002")
+    launch(*ddp, "--out", resumed, "--resume")
+    final = load_file(tmp_path / "full" / "model.safetensors")
+    assert {k: v.tolist() for k, v in load_file(resumed / "model.safetensors").items()} == {k: v.tolist() for k, v in final.items()}
 
 
 def probe_batch(model, world: Path) -> dict:
