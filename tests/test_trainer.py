@@ -453,6 +453,13 @@ def test_skipped_samples_are_counted_and_an_all_skipped_batch_drops_its_step(tmp
     assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4, 5]
 
 
+def test_loader_workers_give_the_same_run(reference, tmp_path):
+    """Two DataLoader workers build the same batches in the same order: the run is bit-identical."""
+    trainer(TinyMM(), staged_config(tmp_path, num_workers=2)).train()
+    assert_identical(exported(tmp_path), exported(reference))
+    assert _metrics(tmp_path) == _metrics(reference)
+
+
 def test_bf16_stage_runs_and_fp16_needs_gpu(tmp_path):
     stage = StageConfig(name="s", train=["connectors"], data=["caps"], steps=2, lr=1e-3, batch_size=4, mixed_precision="bf16")
     trainer(TinyMM(), TrainConfig(stages=[stage], output_dir=str(tmp_path / "bf16"))).train()

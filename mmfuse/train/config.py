@@ -96,7 +96,9 @@ class TrainConfig(JsonConfig):
     infinite does: ``"stop"`` raises naming the step and its samples; ``"skip"`` drops that step's
     update (the optimizer, schedule and step count do not move; the data does) and counts it in
     ``metrics.jsonl`` and the run's summary. ``shuffle_buffer``: samples a streamed (sharded) dataset
-    shuffles over on each process."""
+    shuffles over on each process. ``num_workers``: DataLoader worker processes (per training process)
+    that load, process and collate a JSON dataset's batches in parallel; the batches and their order are
+    the same as with none. Streamed shards are read in the training process."""
 
     stages: list[StageConfig]
     seed: int = 0
@@ -105,6 +107,7 @@ class TrainConfig(JsonConfig):
     keep_checkpoints: int = 2
     nonfinite_loss: str = "stop"
     shuffle_buffer: int = 1000
+    num_workers: int = 0
     output_dir: str
 
     def __post_init__(self):
@@ -115,6 +118,8 @@ class TrainConfig(JsonConfig):
             raise ValueError(f"TrainConfig: stage names must be unique, got {names}")
         if self.nonfinite_loss not in NONFINITE_LOSS:
             raise ValueError(f"TrainConfig: nonfinite_loss must be one of {NONFINITE_LOSS}, got {self.nonfinite_loss!r}")
+        if self.num_workers < 0:
+            raise ValueError(f"TrainConfig: num_workers must be >= 0, got {self.num_workers}")
         for key in ("save_every", "log_every", "keep_checkpoints", "shuffle_buffer"):
             if getattr(self, key) < 1:
                 raise ValueError(f"TrainConfig: {key} must be >= 1, got {getattr(self, key)}")

@@ -357,9 +357,8 @@ class Trainer:
             seed = epoch_seed(self.config.seed, index, epoch)
             batches = epoch_batches(len(dataset), stage.batch_size, processes, rank, seed)[start:]
             # its own generator, so that starting a loader draws nothing from the global RNG
-            loader = DataLoader(
-                dataset, batch_sampler=batches, collate_fn=self.collate_fn, num_workers=0, generator=torch.Generator()
-            )
+            loader = DataLoader(dataset, batch_sampler=batches, collate_fn=self.collate_fn, num_workers=self.config.num_workers,
+                                generator=torch.Generator())
             for after, batch in enumerate(loader, start + 1):
                 yield epoch, after, batch
             epoch, start = epoch + 1, 0
