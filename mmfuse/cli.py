@@ -163,6 +163,7 @@ def evaluate(
     shot_format: str = typer.Option("turns", help="turns (earlier conversation turns) | document (<image>answer<|endofchunk|> per shot)"),
     choices: bool = typer.Option(False, help="QA: also rank the answers of each kind by likelihood."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the results as JSON."),
+    allow_outside_root: bool = typer.Option(False, help="Accept media paths outside the dataset file's directory (refused by default)."),
 ):
     """Accuracy per question kind (QA tasks), CIDEr-D / BLEU-4 (caption tasks) or, for a Type-D model's
     generation tasks, the share of generated items a probe judges right, on a split."""
@@ -170,7 +171,7 @@ def evaluate(
 
     results = run_eval(
         run, data, split, tasks=task, limit=limit, batch_size=batch_size, shots=shots, shot_selection=shot_selection,
-        shot_format=shot_format, choices=choices, console=console,
+        shot_format=shot_format, choices=choices, console=console, allow_outside_root=allow_outside_root,
     )
     out = Console()
     for name, result in results.items():

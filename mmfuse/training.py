@@ -149,6 +149,7 @@ def run_eval(
     choices: bool = False,
     console=None,
     model: MultimodalLM | None = None,
+    allow_outside_root: bool = False,
 ) -> dict[str, dict]:
     """Score a trained model (or any HF causal LM, text-only) on ``split`` of each task:
     ``{task: evaluate_task(...) result}``; tasks default to the recipe's eval data."""
@@ -165,7 +166,7 @@ def run_eval(
             console.print(f"scoring {task} ({split})" + (f", {shots}-shot {shot_selection} {shot_format}" if shots else ""))
         results[task] = evaluate_task(
             adapter, data, task, split, limit=limit, shots=shots, shot_selection=shot_selection, shot_format=shot_format,
-            choices=choices, seed=seed_of(run),
+            choices=choices, seed=seed_of(run), allow_outside_root=allow_outside_root,
         )
     return results
 

@@ -123,6 +123,13 @@ def test_evaluate_task_on_a_written_world(tokenizer_dir, tmp_path):
     assert document["count"] == 2 and document["shot_format"] == "document"
     with pytest.raises(ValueError, match="no metric"):
         tasks.evaluate_task(adapter, tmp_path / "w", "text", "test")
+    outside = tmp_path / "elsewhere"  # the test split in its own directory, its images left where they were
+    outside.mkdir()
+    moved = [dict(r, image=f"../w/{r['image']}") for r in records[:2]]
+    (outside / "image_qa_test.json").write_text(json.dumps(moved))
+    with pytest.raises(ValueError, match="image"):
+        tasks.evaluate_task(adapter, outside, "image_qa", "test")
+    assert tasks.evaluate_task(adapter, outside, "image_qa", "test", allow_outside_root=True)["count"] == 2
 
 
 def test_any_hf_causal_lm_loads_as_a_text_only_model(plain_tokenizer_dir, tmp_path):

@@ -19,6 +19,7 @@ neighbours of the question's first media item in the encoder's embedding space.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import random
 from collections import defaultdict
 from collections.abc import Callable
@@ -68,10 +69,13 @@ def evaluate_task(
     seed: int = 0,
     max_new_tokens: int | None = None,
     progress: Callable[[int, int], None] | None = None,
+    allow_outside_root: bool = False,
 ) -> dict:
-    """Score ``adapter`` on ``split`` of ``task``; the result dict is described in the module docstring."""
+    """Score ``adapter`` on ``split`` of ``task``; the result dict is described in the module docstring.
+    ``allow_outside_root``: accept media paths outside the dataset file's directory."""
     metric = task_metric(task)
-    samples = load_samples(resolve_dataset(data, task, split))[:limit]
+    read = functools.partial(load_samples, allow_outside_root=allow_outside_root)
+    samples = read(resolve_dataset(data, task, split))[:limit]
     if not samples:
         raise ValueError(f"task {task!r} split {split!r}: no samples")
     if metric == "generation":
@@ -84,7 +88,7 @@ def evaluate_task(
         return {**generation_scores(samples, items, modality), "decoding": GENERATION_DECODING[modality],
                 "task": task, "split": split, "shots": 0, "shot_selection": None, "shot_format": None}
     if shots:
-        samples = few_shot(adapter, samples, load_samples(resolve_dataset(data, task, "train")), shots, shot_selection, seed,
+        samples = few_shot(adapter, samples, read(resolve_dataset(data, task, "train")), shots, shot_selection, seed,
                            shot_format)
     max_new_tokens = max_new_tokens or (8 if metric == "qa" else 48)
     predictions = []
