@@ -460,6 +460,18 @@ def test_loader_workers_give_the_same_run(reference, tmp_path):
     assert _metrics(tmp_path) == _metrics(reference)
 
 
+def test_fsdp_refuses_what_it_cannot_shard(tmp_path, monkeypatch):
+    """Under ``accelerate launch --use_fsdp``: FSDP1 is refused, and so is train_added_tokens (a gradient
+    hook on the plain model's tables, which the sharded replica would not have)."""
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    stage = StageConfig(name="rows", train_added_tokens=True, data=["caps"], steps=1, lr=1e-3)
+    with pytest.raises(ValueError, match="--fsdp_version 2"):
+        trainer(TinyMM(), TrainConfig(stages=[stage], output_dir=str(tmp_path / "v1"))).train()
+    monkeypatch.setenv("FSDP_VERSION", "2")
+    with pytest.raises(ValueError, match="train_added_tokens is not supported under FSDP"):
+        trainer(TinyMM(), TrainConfig(stages=[stage], output_dir=str(tmp_path / "v2"))).train()
+
+
 def test_bf16_stage_runs_and_fp16_needs_gpu(tmp_path):
     stage = StageConfig(name="s", train=["connectors"], data=["caps"], steps=2, lr=1e-3, batch_size=4, mixed_precision="bf16")
     trainer(TinyMM(), TrainConfig(stages=[stage], output_dir=str(tmp_path / "bf16"))).train()

@@ -236,12 +236,15 @@ class Trainer:
         """Run stage ``index`` from ``pos``; ``checkpoint``: a mid-stage checkpoint to continue from."""
         stage = self.config.stages[index]
         accelerator = stage_accelerator(stage.mixed_precision)
+        sharded = fsdp_requested()
+        if sharded and stage.train_added_tokens:  # its row mask is a gradient hook on the plain model's tables
+            raise ValueError(f"stage {stage.name!r}: train_added_tokens is not supported under FSDP; train "
+                             "llm.embeddings (and llm.head) whole, or launch with DDP")
         groups = optimizer_groups(self.model, apply_stage(self.model, stage), stage)
         names = _names(self.model, [p for group in groups for p in group["params"]])
         self._set_gradient_checkpointing(stage.gradient_checkpointing)
         if checkpoint is not None:
             load_weights(self.model, checkpoint / WEIGHTS_FILE)
-        sharded = fsdp_requested()
         if sharded:  # the stage trains a sharded replica; see mmfuse.train.sharding
             model = shard_model(self.model, accelerator.device, stage.mixed_precision)
             replica = dict(model.named_parameters())
