@@ -279,7 +279,7 @@ def test_generation_task_end_to_end_draws_one_complete_image_per_prompt(tokenize
     assert [tuple(item.shape) for item in items] == [(3, 48, 48)] * 3  # an untrained model still completes its spans
 
     written = {"s": samples}
-    monkeypatch.setattr("mmfuse.eval.tasks.load_samples", lambda path: written["s"])
+    monkeypatch.setattr("mmfuse.eval.tasks.load_samples", lambda path, **options: written["s"])
     monkeypatch.setattr("mmfuse.eval.tasks.resolve_dataset", lambda data, task, split: "unused")
     result = evaluate_task(EvalAdapter(model), "unused", "image_generation")
     assert result["complete"] == 1.0 and result["accuracy"] == 1.0  # the probe says red circle, as asked
