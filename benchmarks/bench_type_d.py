@@ -42,6 +42,7 @@ from common import (  # noqa: E402
     print_table,
     ratio,
     run_sizes,
+    timing_rows,
 )
 
 from mmfuse.config import CodecConfig, FusionConfig, LLMConfig, MultimodalConfig  # noqa: E402
@@ -284,45 +285,16 @@ def bench_size(size: str, args, device: torch.device, tokenizer_dir: Path) -> di
 
 # -- report ----------------------------------------------------------------------------------------
 def report(res: dict, args) -> None:
-    ms = lambda s: f"{1e3 * s:.1f}"  # noqa: E731
-    r = lambda a, b: f"{ratio(a, b):.3f}"  # noqa: E731
     p, ph = res["parameters"][MMFUSE], res["parameters"][HF]
     c = res["check"]
-    tr = res["training"]
     rows_ = [
         ["parameters (total / trainable)", f"{p['total']:,} / {p['trainable']:,}", f"{ph['total']:,} / {ph['trainable']:,}", "equal"],
         ["max |logit diff| (non-code ids)", f"{c['max_abs_logit_diff']:.1e}", "", ""],
         ["loss (text labels)", f"{c['loss_ours']:.5f}", f"{c['loss_hf']:.5f}", f"masked diff {c['masked_loss_diff']:.1e}"],
         ["loss (labels on image codes + text)", f"{c['loss_with_code_labels_ours']:.5f}", f"{c['loss_with_code_labels_hf']:.5f}", ""],
     ]
-    o, h = tr[MMFUSE], tr[HF]
-    rows_ += [
-        [f"train step median ms (b={args.batch_size})", ms(o["step"]["median_s"]), ms(h["step"]["median_s"]),
-         r(o["step"]["median_s"], h["step"]["median_s"])],
-        ["train step mean ms", ms(o["step"]["mean_s"]), ms(h["step"]["mean_s"]), r(o["step"]["mean_s"], h["step"]["mean_s"])],
-        ["  paired per-round ratio (median)", "", "", f"{res['train_step_paired_ratio']:.3f}"],
-        ["  train step CPU-time median ms", ms(o["step_cpu"]["median_s"]), ms(h["step_cpu"]["median_s"]),
-         r(o["step_cpu"]["median_s"], h["step_cpu"]["median_s"])],
-        ["train peak MB (one step)", f"{o['peak_memory_mb']:.0f}", f"{h['peak_memory_mb']:.0f}",
-         r(o["peak_memory_mb"], h["peak_memory_mb"])],
-    ]
-    for b, gen in res["generation"].items():
-        o, h = gen[MMFUSE], gen[HF]
-        rows_ += [
-            [f"decode tok/s b={b} ({args.new_tokens} new)", f"{o['tokens_per_s']:.0f}", f"{h['tokens_per_s']:.0f}",
-             r(o["tokens_per_s"], h["tokens_per_s"])],
-            ["  paired per-round ratio (median)", "", "", f"{res['ratios_ours_over_hf'][f'decode_tokens_per_s_paired_b{b}']:.3f}"],
-            [f"  decode-only tok/s b={b}", f"{o['decode_only_tokens_per_s']:.0f}", f"{h['decode_only_tokens_per_s']:.0f}",
-             r(o["decode_only_tokens_per_s"], h["decode_only_tokens_per_s"])],
-            [f"  generate CPU-time ms b={b}", ms(o["generate_cpu"]["median_s"]), ms(h["generate_cpu"]["median_s"]),
-             r(o["generate_cpu"]["median_s"], h["generate_cpu"]["median_s"])],
-            [f"TTFT ms b={b}", ms(o["ttft"]["median_s"]), ms(h["ttft"]["median_s"]), r(o["ttft"]["median_s"], h["ttft"]["median_s"])],
-            [f"  TTFT CPU-time ms b={b}", ms(o["ttft_cpu"]["median_s"]), ms(h["ttft_cpu"]["median_s"]),
-             r(o["ttft_cpu"]["median_s"], h["ttft_cpu"]["median_s"])],
-            [f"generate peak MB b={b}", f"{o['peak_memory_mb']:.0f}", f"{h['peak_memory_mb']:.0f}",
-             r(o["peak_memory_mb"], h["peak_memory_mb"])],
-            [f"greedy tokens identical b={b}", "", "", "yes" if gen["identical_tokens"] else "NO"],
-        ]
+    paired = {b: res["ratios_ours_over_hf"][f"decode_tokens_per_s_paired_b{b}"] for b in res["generation"]}
+    rows_ += timing_rows(res, MMFUSE, HF, args.batch_size, args.new_tokens, paired)
     cfg = res["text_config"]
     title = (f"Type-D {res['size']}: Llama+qk-norm {cfg['num_hidden_layers']}L/{cfg['hidden_size']}d, vocabulary "
              f"{res['vocabulary']['total']}, <boi> {res['image_tokens']} codes <eoi> + {args.text_tokens} text tokens")

@@ -374,6 +374,42 @@ def ratio(ours: float, ref: float) -> float:
     return ours / ref if ref else float("nan")
 
 
+def timing_rows(res: dict, ours: str, ref: str, batch_size: int, new_tokens: int,
+                paired_decode: dict | None = None) -> list[list[str]]:
+    """The training and decoding rows of a report against one reference: ``[metric, ours, ref, ours/ref]``.
+
+    ``res`` holds ``training`` and ``generation`` (per batch size) keyed by the contenders' names and
+    ``train_step_paired_ratio``; ``paired_decode``: batch size -> paired decode ratio, shown when given."""
+    ms = lambda s: f"{1e3 * s:.1f}"  # noqa: E731
+    mb = lambda v: f"{v:.0f}"  # noqa: E731
+
+    def line(label: str, o: float, h: float, fmt=ms) -> list[str]:
+        return [label, fmt(o), fmt(h), f"{ratio(o, h):.3f}"]
+
+    o, h = res["training"][ours], res["training"][ref]
+    out = [
+        line(f"train step median ms (b={batch_size})", o["step"]["median_s"], h["step"]["median_s"]),
+        line("train step mean ms", o["step"]["mean_s"], h["step"]["mean_s"]),
+        ["  paired per-round ratio (median)", "", "", f"{res['train_step_paired_ratio']:.3f}"],
+        line("  train step CPU-time median ms", o["step_cpu"]["median_s"], h["step_cpu"]["median_s"]),
+        line("train peak MB (one step)", o["peak_memory_mb"], h["peak_memory_mb"], mb),
+    ]
+    for b, gen in res["generation"].items():
+        o, h = gen[ours], gen[ref]
+        out.append(line(f"decode tok/s b={b} ({new_tokens} new)", o["tokens_per_s"], h["tokens_per_s"], mb))
+        if paired_decode is not None:
+            out.append(["  paired per-round ratio (median)", "", "", f"{paired_decode[b]:.3f}"])
+        out += [
+            line(f"  decode-only tok/s b={b}", o["decode_only_tokens_per_s"], h["decode_only_tokens_per_s"], mb),
+            line(f"  generate CPU-time ms b={b}", o["generate_cpu"]["median_s"], h["generate_cpu"]["median_s"]),
+            line(f"TTFT ms b={b}", o["ttft"]["median_s"], h["ttft"]["median_s"]),
+            line(f"  TTFT CPU-time ms b={b}", o["ttft_cpu"]["median_s"], h["ttft_cpu"]["median_s"]),
+            line(f"generate peak MB b={b}", o["peak_memory_mb"], h["peak_memory_mb"], mb),
+            [f"greedy tokens identical b={b}", "", "", "yes" if gen["identical_tokens"] else "NO"],
+        ]
+    return out
+
+
 def write_json(path: str | Path, payload: dict[str, Any]) -> None:
     Path(path).write_text(json.dumps(payload, indent=2, default=str) + "\n")
 

@@ -418,7 +418,9 @@ class Trainer:
         step = pos.global_step
         if run is not None and run.sharded:  # collectives: every process gathers
             gather_parameters(run.model, self.model, run.names)
-        optimizer = optimizer_state(run.model, run.optimizer, run.names, run.sharded) if run is not None else None
+        # a sharded state is gathered by every process (a collective); otherwise only the writer builds it
+        builds = run is not None and (run.sharded or accelerator.is_main_process)
+        optimizer = optimizer_state(run.model, run.optimizer, run.names, run.sharded) if builds else None
         if accelerator.is_main_process:
             start_checkpoint(self.checkpoint_dir, step)
         accelerator.wait_for_everyone()
