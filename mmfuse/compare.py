@@ -30,7 +30,7 @@ from typing import Any, Callable
 
 import torch
 
-from .config import ConnectorConfig
+from .config import MODALITIES, ConnectorConfig
 from .data.dataset import ProcessedDataset
 from .data.formats import load_samples, resolve_dataset
 from .eval.adapter import EvalAdapter
@@ -125,7 +125,7 @@ def run_recipe(job: Job, log: Callable[[str], None] = print) -> dict[str, Any]:
     torch.manual_seed(settings.seed)
     model = MultimodalLM.from_config(recipe.model)
     adapter = EvalAdapter(model)
-    modalities = [*recipe.model.encoders, *recipe.model.codecs]
+    modalities = [m for m in [*recipe.model.encoders, *recipe.model.codecs] if m in MODALITIES]  # not a text_prompt encoder
     corpus = (data / "text_corpus_test.txt").read_text().splitlines()[: settings.ppl_lines]
     train_sets = {name: load_samples(resolve_dataset(data, name, "train")) for s in stages for name in s.data}
     record: dict[str, Any] = {"recipe": recipe.name, "survey_type": recipe.survey_type, "modalities": modalities}
@@ -212,7 +212,7 @@ def _addition(recipe: Recipe, modality: str) -> dict[str, Any] | None:
     recipe, else an encoder with a connector of the kind the recipe already uses."""
     if recipe.model.codecs:
         return {"codecs": WORLD_CODECS[modality]}
-    first = recipe.model.connectors[next(iter(recipe.model.encoders))]
+    first = recipe.model.connectors[next(m for m in recipe.model.encoders if m in MODALITIES)]
     return {"encoders": WORLD_ENCODERS[modality], "connectors": ConnectorConfig(kind=first.kind)}
 
 

@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 MODALITIES = ("image", "audio", "video")
+# not a media modality: the text of every user turn, read by a text tower into a prefix (Pengi)
+TEXT_PROMPT = "text_prompt"
 
 
 def _from_dict(cls, data: dict[str, Any]):
@@ -92,6 +94,15 @@ class EncoderConfig(JsonConfig):
     ``drop_cls``: "auto" drops a leading CLS token when the encoder's output has one more token than
     it has patches (CLIP, ViT); SigLIP has none. ``processor``: a dict for the image processor /
     feature extractor when the encoder directory ships none.
+
+    ``modality="text_prompt"`` is a text tower (Pengi's frozen CLIP text encoder) that reads the text of
+    every user turn in place of the LLM: ``tokenizer`` is its own (defaults to ``name_or_path``),
+    each prompt is at most ``max_tokens`` tokens (padded to that length; Pengi: 40), and its feature is
+    the ``feature_layer`` state at the prompt's last token (CLIP pools at its last token, EOS).
+
+    ``extra``: more audio encoders reading the same clips (WavLLM: WavLM beside Whisper), each with its
+    own processor (given ``modality: audio``); their frames are aligned to this encoder's and their
+    features concatenated to its own (:class:`~mmfuse.backbones.multi.MultiEncoder`).
     """
 
     modality: str = "image"
@@ -100,8 +111,11 @@ class EncoderConfig(JsonConfig):
     feature_layer: int = -1
     drop_cls: str = "auto"  # "auto" | "yes" | "no"
     processor: dict[str, Any] | None = None
+    tokenizer: str | None = None  # text_prompt: the text tower's tokenizer; defaults to name_or_path
+    max_tokens: int = 40  # text_prompt: tokens per prompt, padded to this length
     pad_to_square: bool = True  # LLaVA-1.5 `image_aspect_ratio pad`
     frames: int = 8  # video: frames sampled per clip
+    extra: list[EncoderConfig] = field(default_factory=list)  # audio: more encoders over the same clips (WavLLM)
 
 
 @dataclass
@@ -125,6 +139,16 @@ class ConnectorConfig(JsonConfig):
     one mean embedding per window plus a learned window-position embedding (up to ``max_windows``), then
     ``depth`` pre-norm Transformer encoder layers with ``num_heads`` heads (Audio Flamingo: 3 and 8).
     ``window`` and ``hop`` count frames after ``pool_stride`` pooling and are used only by this kind.
+
+    ``kind="mapper"`` is ClipCap/Pengi's transformer mapping network: the features projected to the LLM
+    width, ``prefix_length`` learned constants appended, ``depth`` pre-norm Transformer encoder layers
+    with ``num_heads`` heads at the LLM width; the outputs at the constants are the item's prefix
+    (Pengi: 40 constants, 4 layers, 8 heads per mapping network).
+
+    With several encoders (``EncoderConfig.extra``) the features are each encoder's, concatenated;
+    ``encoder_projector`` (a projector kind) first maps each encoder's part on its own to
+    ``llm_dim // encoders`` (after ``pool_stride``; ``input_norm`` then normalises each part), and ``kind``
+    maps their concatenation (WavLLM: one adapter per encoder, then a linear layer over both).
     """
 
     kind: str = "linear"
@@ -136,12 +160,14 @@ class ConnectorConfig(JsonConfig):
     cross_attention_every: int = 2  # qformer: cross-attention in every n-th block (BLIP-2: 2)
     positions_2d: bool = False  # qformer: Qwen-VL's 2-D sin-cos positions on queries and features (square grids)
     num_latents: int = 64  # perceiver: learned latents = tokens per item (Flamingo: 64)
+    prefix_length: int = 10  # mapper: learned prefix constants = tokens per item (Pengi: 40)
     max_frames: int = 0  # perceiver / qformer: frame embeddings for up to this many video frames; 0 = none
     window: int = 0  # windows: encoder output frames per window
     hop: int = 0  # windows: frames between the starts of consecutive windows
     max_windows: int = 64  # windows: position embeddings, the most windows an item may have
     boundary_tokens: bool = False
     input_norm: bool = False
+    encoder_projector: str | None = None  # several encoders: each one's projector before the concatenation
 
 
 @dataclass
@@ -188,10 +214,17 @@ class MultimodalConfig(JsonConfig):
 
     def __post_init__(self):
         for name, enc in self.encoders.items():
-            if name not in MODALITIES:
-                raise ValueError(f"encoders: unknown modality {name!r}; expected one of {MODALITIES}")
+            if name not in (*MODALITIES, TEXT_PROMPT):
+                raise ValueError(f"encoders: unknown modality {name!r}; expected one of {(*MODALITIES, TEXT_PROMPT)}")
             if enc.modality != name:
                 raise ValueError(f"encoders[{name!r}].modality is {enc.modality!r}; it must equal the key")
+            if enc.extra and name != "audio":
+                raise ValueError(f"encoders.{name}.extra: several encoders per modality are supported for audio only "
+                                 "(their frames are aligned in time)")
+            for i, extra in enumerate(enc.extra):
+                if extra.modality != name or extra.extra:
+                    raise ValueError(f"encoders.{name}.extra[{i}]: needs modality {name!r} (got {extra.modality!r}) and no "
+                                     "extra of its own")
         missing = sorted(set(self.encoders) - set(self.connectors))
         if missing:
             raise ValueError(f"connectors: no connector for modality {missing}; add connectors.{missing[0]}")
@@ -203,6 +236,9 @@ class MultimodalConfig(JsonConfig):
             raise ValueError(f"modality {both[0]!r} has both an encoder and a codec; a modality is read either continuously or as tokens")
         if (self.fusion.type == "D") != bool(self.codecs):
             raise ValueError("fusion.type 'D' needs codecs (the modalities read as tokens), and codecs need fusion.type 'D'")
+        if TEXT_PROMPT in self.encoders and self.fusion.type != "C":
+            raise ValueError(f"encoders.{TEXT_PROMPT} puts the prompt in the input embeddings as a prefix; it needs fusion.type 'C', "
+                             f"got {self.fusion.type!r}")
         if self.on_bad_sample not in ("error", "skip"):
             raise ValueError(f"on_bad_sample must be 'error' or 'skip', got {self.on_bad_sample!r}")
 

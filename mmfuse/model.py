@@ -29,9 +29,10 @@ from .backbones.loading import (
     load_tokenizer,
     saved_processor,
 )
+from .backbones.multi import MultiEncoder, with_extra_encoders
 from . import codecs as mmfuse_codecs
 from .codecs.base import MediaCodec
-from .config import MultimodalConfig
+from .config import TEXT_PROMPT, MultimodalConfig
 from .connectors import Connector
 from .data.collate import Collator
 from .data.media import MediaProcessor
@@ -61,7 +62,8 @@ class MultimodalLM(nn.Module):
             self._resolve_vocabulary(config.fusion.options, llm)
         self.fusion = build_fusion(config.fusion)
         widths = {m: self.fusion.connector_width(enc.hidden_size, llm_dim) for m, enc in encoders.items()}
-        self.connectors = nn.ModuleDict({m: Connector(config.connectors[m], enc.hidden_size, widths[m])
+        self.connectors = nn.ModuleDict({m: Connector(config.connectors[m], enc.hidden_size, widths[m],
+                                                      parts=enc.widths if isinstance(enc, MultiEncoder) else ())
                                          for m, enc in encoders.items()})
         self.fusion.attach(llm, widths)
         self.tokenizer = tokenizer
@@ -102,10 +104,13 @@ class MultimodalLM(nn.Module):
         for modality, enc_cfg in config.encoders.items():
             model = load_encoder_model(enc_cfg)
             processors[modality] = MediaProcessor(
-                modality, load_media_processor(enc_cfg, model.config), pad_to_square=enc_cfg.pad_to_square, frames=enc_cfg.frames
+                modality, load_media_processor(enc_cfg, model.config), pad_to_square=enc_cfg.pad_to_square, frames=enc_cfg.frames,
+                max_tokens=enc_cfg.max_tokens,
             )
             enc_cfg.hf_config = config_dict(model.config)
             encoders[modality] = MediaEncoder(enc_cfg, model)
+            if enc_cfg.extra:  # WavLLM: more encoders over the same clips
+                encoders[modality], processors[modality] = with_extra_encoders(enc_cfg, encoders[modality], processors[modality])
         codecs = {}
         for modality, codec_cfg in config.codecs.items():
             if codec_cfg.name_or_path is None and codec_cfg.settings is None:
@@ -143,8 +148,12 @@ class MultimodalLM(nn.Module):
         for modality, enc_cfg in config.encoders.items():
             model = load_encoder_model(enc_cfg)
             hf_processor = load_media_processor(enc_cfg, model.config, directory=str(directory / "processors" / modality))
-            processors[modality] = MediaProcessor(modality, hf_processor, pad_to_square=enc_cfg.pad_to_square, frames=enc_cfg.frames)
+            processors[modality] = MediaProcessor(modality, hf_processor, pad_to_square=enc_cfg.pad_to_square, frames=enc_cfg.frames,
+                                                  max_tokens=enc_cfg.max_tokens)
             encoders[modality] = MediaEncoder(enc_cfg, model)
+            if enc_cfg.extra:
+                encoders[modality], processors[modality] = with_extra_encoders(
+                    enc_cfg, encoders[modality], processors[modality], directory / "processors" / modality)
         codecs = {m: mmfuse_codecs.build_codec(c.settings) for m, c in config.codecs.items()}
         for modality in codecs:
             processors[modality] = MediaProcessor(modality, saved_processor(modality, str(directory / "processors" / modality)),
@@ -163,7 +172,7 @@ class MultimodalLM(nn.Module):
         save_model(self, str(directory / WEIGHTS_NAME))
         self.tokenizer.save_pretrained(str(directory))
         for modality, processor in self.media_processors.items():
-            processor.hf_processor.save_pretrained(str(directory / "processors" / modality))
+            processor.save_pretrained(directory / "processors" / modality)
 
     def train(self, mode: bool = True) -> "MultimodalLM":
         """As ``nn.Module.train``, except that Type-D codecs stay in eval mode: they are frozen
@@ -228,6 +237,8 @@ class MultimodalLM(nn.Module):
         return self._token_counts[key]
 
     def _encoder_dtype(self, modality: str) -> torch.dtype:
+        if modality == TEXT_PROMPT:  # token ids
+            return torch.long
         return next(self.encoders[modality].parameters()).dtype
 
     def _connect(self, modality: str, inputs: torch.Tensor, features: torch.Tensor) -> torch.Tensor:

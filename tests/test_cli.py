@@ -88,4 +88,5 @@ def test_eval_generate_info_recipes(world, recipe, tmp_path):
     assert out.returncode == 0
     info = _run("info", run).stdout
     assert "connectors.image" in info and "trains in align" in info
-    assert "qwen-audio" in _run("recipes").stdout
+    recipes = _run("recipes").stdout
+    assert "qwen-audio" in recipes and "wavllm" in recipes

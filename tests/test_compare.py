@@ -42,16 +42,18 @@ def broken_recipe(tmp_path_factory):
 
 
 def test_quick_compare_writes_report_plots_and_survives_a_failing_recipe(tmp_path, env, broken_recipe):
-    recipes = ["openflamingo", "llama-adapter", "llava", "llava-1.5", "blip2", "qwen-audio", "chameleon", broken_recipe]
+    recipes = ["openflamingo", "llama-adapter", "llava", "blip2", "qwen-audio", "pengi", "wavllm", "chameleon",
+               broken_recipe]
     result = _compare(tmp_path / "cmp", env, *[a for r in recipes for a in ("--recipes", r)])
     assert result.returncode == 1, result.stderr[-3000:]  # one recipe failed: reported, and the run says so
     report = json.loads((tmp_path / "cmp" / "report.json").read_text())
     records = {r["recipe"]: r for r in report["recipes"]}
-    assert list(records) == ["openflamingo", "llama-adapter", "llava", "llava-1.5", "blip2", "qwen-audio", "chameleon", "broken"]
+    assert list(records) == ["openflamingo", "llama-adapter", "llava", "blip2", "qwen-audio", "pengi", "wavllm",
+                             "chameleon", "broken"]
     assert "no_such_task" in records["broken"]["error"]
     budgets = set()
     types = {"openflamingo": "A", "llama-adapter": "B"}
-    for name in ("openflamingo", "llama-adapter", "llava", "llava-1.5", "blip2", "qwen-audio"):
+    for name in ("openflamingo", "llama-adapter", "llava", "blip2", "qwen-audio", "pengi", "wavllm"):
         r = records[name]
         assert RECORD_FIELDS <= set(r), RECORD_FIELDS - set(r)
         assert r["survey_type"] == types.get(name, "C") and r["generates"].keys() == {"text"}
@@ -74,6 +76,7 @@ def test_quick_compare_writes_report_plots_and_survives_a_failing_recipe(tmp_pat
     budgets.add(chameleon["budget"]["requested"])
     assert len(budgets) == 1  # equal budgets
     assert records["blip2"]["params_trainable"] < records["llava"]["params_trainable"]  # BLIP-2 keeps the LLM frozen
+    assert records["pengi"]["modalities"] == ["audio"]  # its text_prompt encoder reads prompts, not a media modality
     assert records["openflamingo"]["params_fusion"] > 0 == records["llava"]["params_fusion"]  # blocks inside the LLM
     for name in ("openflamingo", "llama-adapter"):  # a new modality adds parameters inside the LLM (k/v, marker)
         assert records[name]["adds_modality"]["new_params_by_component"]["fusion"] > 0

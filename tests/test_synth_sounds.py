@@ -115,6 +115,7 @@ def test_frame_labels_follow_event_times():
     expected_kind[60:82], expected_pitch[60:82] = 3, 3  # noise, high: 1.20-1.64 s
     np.testing.assert_array_equal(labels["kind"], expected_kind)
     np.testing.assert_array_equal(labels["pitch"], expected_pitch)
+    np.testing.assert_array_equal(labels["duration"], (expected_kind == 1) * 1 + (expected_kind == 3) * 2)  # short, long
     for clip in _clips(5, 50):
         labels = sounds.frame_labels(clip, 200)
         order = [k for i, k in enumerate(labels["kind"]) if k and (i == 0 or labels["kind"][i - 1] != k)]
@@ -152,6 +153,23 @@ def test_questions_are_consistent_with_the_clip():
                 i = kinds.index(words[-1])
                 assert answer == (kinds[i + 1] if words[2] == "after" else kinds[i - 1])
     assert "How many sounds are there?" in seen and "What comes after the tone?" in seen
+
+
+def test_combined_question_asks_two_kinds_in_order_and_is_seeded():
+    clip = Clip([Event("tone", "low", "short", 0.2), Event("chirp", "high", "long", 1.0)])
+    qs = sounds.questions(clip, random.Random(0))
+    combined = [sounds.combined_question(qs, random.Random(s)) for s in range(40)]
+    assert combined == [sounds.combined_question(qs, random.Random(s)) for s in range(40)]
+    by_kind = {k: (q, a) for k, q, a in qs}
+    for kind, question, answer in combined:
+        first, second = kind.split("+")
+        order = [k for k, _, _ in qs]
+        assert order.index(first) < order.index(second)
+        assert question == f"{by_kind[first][0]} {by_kind[second][0]} Answer both."
+        assert answer == f"{by_kind[first][1]}, {by_kind[second][1]}"
+    assert len({k for k, _, _ in combined}) > 5  # the pairs vary with the rng
+    with pytest.raises(ValueError, match="needs two questions"):
+        sounds.combined_question(qs[:1], random.Random(0))
 
 
 def test_wav_round_trip(tmp_path):

@@ -92,6 +92,14 @@ def test_records_are_valid_samples_with_existing_media(world):
         assert {m: len(c) for m, c in meta.get("captions", {}).items()} == {m: len(f) for m, f in sample.media.items()}
     both = [r for r in records if r["meta"]["task"] == "image_audio_qa"]
     assert both and all(_sample(r).marker_counts() == {"image": 1, "audio": 1, "video": 0} for r in both)
+    multi = [r for r in records if r["meta"]["task"] == "audio_multi_qa"]  # two questions about one clip, one reply
+    answers = {(r["audio"], r["conversations"][0]["value"]): r["conversations"][1]["value"]
+               for r in records if r["meta"]["task"] == "audio_qa"}
+    assert len(multi) == sum(WorldSizes.tiny().sounds[s] for s in SPLITS)
+    for r in multi:
+        first, second = r["conversations"][0]["value"].removesuffix(" Answer both.").split("? ")  # "<audio>\nQ1", "Q2?"
+        expected = [answers[(r["audio"], first + "?")], answers[(r["audio"], "<audio>\n" + second)]]
+        assert r["conversations"][1]["value"] == ", ".join(expected) and "+" in r["meta"]["kind"]
     docs = [r for r in records if r["meta"]["task"] == "interleaved"]
     assert all(documents.MIN_IMAGES <= len(r["image"]) <= documents.MAX_IMAGES for r in docs)
 

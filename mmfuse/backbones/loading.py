@@ -14,7 +14,7 @@ import transformers
 from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-from ..config import EncoderConfig, LLMConfig
+from ..config import TEXT_PROMPT, EncoderConfig, LLMConfig
 from ..safe_loading import UnsafeCheckpoint, require_safetensors
 
 
@@ -97,13 +97,19 @@ def load_encoder_model(cfg: EncoderConfig) -> transformers.PreTrainedModel:
 
 
 def load_media_processor(cfg: EncoderConfig, model_config: PretrainedConfig, directory: str | None = None):
-    """Image processor or feature extractor for an encoder.
+    """Image processor or feature extractor for an encoder (a text_prompt encoder: its tokenizer).
 
     Order: a saved ``directory``; ``cfg.processor`` (a dict with ``type``, a transformers class name);
-    the encoder's own directory; else a default derived from the encoder's config.
+    the encoder's own directory; else a default derived from the encoder's config. A text_prompt
+    encoder's tokenizer comes from ``cfg.tokenizer`` or ``cfg.name_or_path``.
     """
     if directory is not None:
         return saved_processor(cfg.modality, directory)
+    if cfg.modality == TEXT_PROMPT:
+        source = cfg.tokenizer or cfg.name_or_path
+        if source is None:
+            raise ValueError(f"encoders.{TEXT_PROMPT}: no tokenizer; set encoders.{TEXT_PROMPT}.tokenizer to a hub id or directory")
+        return AutoTokenizer.from_pretrained(resolve_path(source))
     if cfg.processor is not None:
         spec = dict(cfg.processor)
         cls = getattr(transformers, spec.pop("type"))
@@ -114,7 +120,9 @@ def load_media_processor(cfg: EncoderConfig, model_config: PretrainedConfig, dir
 
 
 def saved_processor(modality: str, path: str):
-    """The image processor (image, video) or feature extractor (audio) saved in ``path``."""
+    """The image processor (image, video), feature extractor (audio) or tokenizer (text_prompt) saved in ``path``."""
+    if modality == TEXT_PROMPT:
+        return AutoTokenizer.from_pretrained(path)
     if modality == "audio":
         return transformers.AutoFeatureExtractor.from_pretrained(path)
     return transformers.AutoImageProcessor.from_pretrained(path)
@@ -134,7 +142,7 @@ def default_processor(modality: str, config: PretrainedConfig):
         return transformers.WhisperFeatureExtractor(
             feature_size=config.num_mel_bins, sampling_rate=16000, hop_length=160, chunk_length=seconds
         )
-    if config.model_type in ("wav2vec2", "hubert"):
+    if config.model_type in ("wav2vec2", "hubert", "wavlm"):
         return transformers.Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=16000, padding_value=0.0)
     raise ValueError(
         f"encoders.{modality}: cannot derive a processor for model_type {config.model_type!r}; "

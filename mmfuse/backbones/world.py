@@ -1,7 +1,8 @@
 """The built-in world's pretrained backbones, built on first use and cached.
 
 ``world:llm``, ``world:vision`` and ``world:audio`` name a small Llama, ViT and Whisper encoder trained
-from scratch on the synthetic world (seeded, no download); ``world:image_codec``, ``world:audio_codec``
+from scratch on the synthetic world (seeded, no download), ``world:acoustic`` a small WavLM on the raw
+waveform (WavLLM's second, acoustic encoder); ``world:image_codec``, ``world:audio_codec``
 and ``world:semantic_audio`` the Type-D codecs of :mod:`mmfuse.codecs`. :func:`resolve` maps such a
 name to its cached directory under :func:`cache_dir`, building it the first time; any other name is
 returned unchanged. A build is written to a temporary directory and renamed into place, so an
@@ -33,6 +34,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from ..codecs import pretrain_audio_codec, pretrain_image_codec, pretrain_semantic_audio
 from ..data.synth.heldout import event_allowed, shape_allowed
+from .world_acoustic import pretrain_acoustic_encoder
 from .world_audio import pretrain_audio_encoder
 from .world_llm import pretrain_llm
 from .world_vision import pretrain_vision_encoder
@@ -44,6 +46,7 @@ WORLD_BACKBONES = {
     "llm": pretrain_llm,
     "vision": functools.partial(pretrain_vision_encoder, allowed=shape_allowed),
     "audio": functools.partial(pretrain_audio_encoder, allowed=event_allowed),
+    "acoustic": functools.partial(pretrain_acoustic_encoder, allowed=event_allowed),
     "image_codec": functools.partial(pretrain_image_codec, allowed=shape_allowed),
     "audio_codec": functools.partial(pretrain_audio_codec, allowed=event_allowed),
     "semantic_audio": functools.partial(pretrain_semantic_audio, allowed=event_allowed),  # builds world:audio first

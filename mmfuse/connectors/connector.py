@@ -6,6 +6,8 @@ import torch
 from torch import nn
 
 from ..config import ConnectorConfig
+from .combine import EncoderCombiner
+from .mapper import MappingNetwork
 from .perceiver import PerceiverResampler
 from .projector import build_projector
 from .qformer import QFormerResampler
@@ -20,15 +22,23 @@ class Connector(nn.Module):
     two more positions. ``kind="perceiver"`` is a Flamingo perceiver resampler; it and ``qformer`` take ``frames``
     for video, to add their frame embeddings (the other kinds ignore ``frames``). ``kind="windows"`` is
     Audio Flamingo's sliding-window transformer: one token per window of ``window`` frames every ``hop``.
+    ``kind="mapper"`` is ClipCap/Pengi's transformer mapping network: ``prefix_length`` tokens per item.
+    ``parts``: the widths of several encoders whose features are concatenated (WavLLM); after pooling,
+    an :class:`EncoderCombiner` maps each part with ``cfg.encoder_projector`` before the core.
     """
 
-    def __init__(self, cfg: ConnectorConfig, encoder_dim: int, llm_dim: int):
+    def __init__(self, cfg: ConnectorConfig, encoder_dim: int, llm_dim: int, parts: tuple[int, ...] = ()):
         super().__init__()
         if cfg.pool_stride < 1:
             raise ValueError(f"connector pool_stride must be >= 1, got {cfg.pool_stride}")
+        if cfg.encoder_projector and len(parts) < 2:
+            raise ValueError(f"connector encoder_projector {cfg.encoder_projector!r} maps each of several encoders; "
+                             "this modality has one (add encoders.<m>.extra, or drop encoder_projector)")
         self.pool_stride = cfg.pool_stride
-        self.input_norm = nn.LayerNorm(encoder_dim) if cfg.input_norm else None
-        self.core = build_core(cfg, encoder_dim, llm_dim)
+        self.combine = (EncoderCombiner(parts, cfg.encoder_projector, llm_dim // len(parts), cfg.input_norm)
+                        if len(parts) > 1 else None)
+        self.input_norm = nn.LayerNorm(encoder_dim) if cfg.input_norm and self.combine is None else None
+        self.core = build_core(cfg, self.combine.out_dim if self.combine else encoder_dim, llm_dim)
         self.boundary = nn.Parameter(torch.randn(2, llm_dim) * 0.02) if cfg.boundary_tokens else None
 
     def forward(self, features: torch.Tensor, frames: int = 1) -> torch.Tensor:
@@ -45,6 +55,8 @@ class Connector(nn.Module):
             if features.shape[1] < self.pool_stride:
                 raise ValueError(f"connector: {features.shape[1]} tokens is fewer than pool_stride {self.pool_stride}")
             features = nn.functional.avg_pool1d(features.transpose(1, 2), self.pool_stride, self.pool_stride).transpose(1, 2)
+        if self.combine is not None:
+            features = self.combine(features)
         out = self.core(features, frames=frames) if reads_frames else self.core(features)
         if self.boundary is not None:
             n = out.shape[0]
@@ -63,6 +75,8 @@ def build_core(cfg: ConnectorConfig, encoder_dim: int, llm_dim: int) -> nn.Modul
     if cfg.kind == "perceiver":
         return PerceiverResampler(encoder_dim, llm_dim, num_latents=cfg.num_latents, depth=cfg.depth, num_heads=cfg.num_heads,
                                   max_frames=cfg.max_frames)
+    if cfg.kind == "mapper":
+        return MappingNetwork(encoder_dim, llm_dim, prefix_length=cfg.prefix_length, depth=cfg.depth, num_heads=cfg.num_heads)
     if cfg.kind == "windows":
         if cfg.window < 1 or cfg.hop < 1:
             raise ValueError(f"connector kind 'windows' needs window >= 1 and hop >= 1 (encoder frames), "

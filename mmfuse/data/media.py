@@ -255,22 +255,28 @@ class MediaProcessor:
     """Turns one modality's raw items into the encoder's input tensor.
 
     image: ``(3, H, W)``; video: ``(frames, 3, H, W)``; audio: ``(mel, frames)`` (Whisper) or
-    ``(samples,)`` (wav2vec2). ``hf_processor`` is a transformers image processor or feature extractor.
-    ``max_image_pixels``: larger images (or, with ``pad_to_square``, images whose padded square is
-    larger) are refused.
+    ``(samples,)`` (wav2vec2); text_prompt: a string to its token ids ``(max_tokens,)``, -1 after its
+    end. ``hf_processor`` is a transformers image processor or feature extractor (a tokenizer for
+    text_prompt). ``max_image_pixels``: larger images (or, with ``pad_to_square``, images whose padded
+    square is larger) are refused.
     """
 
     def __init__(self, modality: str, hf_processor, *, pad_to_square: bool = True, frames: int = 8,
-                 max_image_pixels: int = MAX_IMAGE_PIXELS):
+                 max_image_pixels: int = MAX_IMAGE_PIXELS, max_tokens: int = 40):
         self.modality = modality
         self.hf_processor = hf_processor
         self.pad_to_square = pad_to_square
         self.frames = frames
         self.max_image_pixels = max_image_pixels
+        self.max_tokens = max_tokens
 
     @property
     def sampling_rate(self) -> int:
         return getattr(self.hf_processor, "sampling_rate", AUDIO_RATE_DEFAULT)
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        """Write the Hugging Face processor into ``directory`` (a checkpoint's ``processors/<m>``)."""
+        self.hf_processor.save_pretrained(str(directory))
 
     def __call__(self, item: Any, sample_id: str = "?", index: int = 0) -> torch.Tensor:
         """One item -> the encoder's input; :class:`BadSample` naming ``sample_id`` and the field otherwise."""
@@ -279,6 +285,8 @@ class MediaProcessor:
         if self.modality == "video":
             frames = load_video(item, self.frames, sample_id, index, max_pixels=self.max_image_pixels)
             return self._images(frames, sample_id, index)
+        if self.modality == "text_prompt":
+            return self._prompt(item, sample_id, index)
         return self._audio(load_audio(item, self.sampling_rate, sample_id, index), sample_id, index)
 
     def _images(self, images: list[Image.Image], sample_id: str, index: int) -> torch.Tensor:
@@ -293,6 +301,13 @@ class MediaProcessor:
             fill = tuple(int(round(255 * m)) for m in mean)
             images = [pad_to_square(img, fill) for img in images]
         return self.hf_processor(images=images, return_tensors="pt")["pixel_values"]
+
+    def _prompt(self, text: str, sample_id: str, index: int) -> torch.Tensor:
+        ids = self.hf_processor(text)["input_ids"]
+        if not ids or len(ids) > self.max_tokens:
+            raise BadSample.of(sample_id, f"text_prompt[{index}]", f"the prompt {text[:40]!r} is {len(ids)} tokens; the text "
+                               f"encoder takes 1 to {self.max_tokens} (encoders.text_prompt.max_tokens)", kind="prompt length")
+        return torch.tensor(ids + [-1] * (self.max_tokens - len(ids)))
 
     def _audio(self, wave: np.ndarray, sample_id: str, index: int) -> torch.Tensor:
         limit = getattr(self.hf_processor, "n_samples", None)

@@ -8,18 +8,21 @@ strategy's layout asks for, with the count computed from the encoder + connector
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 from jinja2.exceptions import TemplateError
 
+from ..config import TEXT_PROMPT
 from .badsamples import BadSample, BadSampleLog, Skipped, check_policy
 from .media import MediaProcessor
+from .prompts import MARKER_OR_PROMPT_RE, PROMPT_MARKER, route_prompts
 from .schema import END_OF_CHUNK, MARKER_RE, MARKERS, Message, Sample
 
 IGNORE_INDEX = -100
-_MODALITY_OF = {marker: modality for modality, marker in MARKERS.items()}
+_MODALITY_OF = {**{marker: modality for modality, marker in MARKERS.items()}, PROMPT_MARKER: TEXT_PROMPT}
 
 PLAIN_TEMPLATE = (
     "{{ bos_token }}{% for m in messages %}"
@@ -56,6 +59,8 @@ class Processor:
     process in ``batch["skipped"]``). ``label_media``: media inside a learned span keep their layout ids
     as labels (Type-D learns to generate them; the strategy turns placeholder labels into codes).
     ``task_prefixes``: ``meta["task"]`` -> text put before the first user turn (AudioPaLM's ``[ASR]``).
+    With a ``text_prompt`` media processor, every user turn's text goes to the text encoder as a prefix
+    instead of into the token ids (:func:`~mmfuse.data.prompts.route_prompts`).
     """
 
     def __init__(
@@ -151,6 +156,9 @@ class Processor:
     def _encode(self, sample: Sample, for_generation: bool) -> Encoded:
         sample.validate()
         sample = self.with_task_prefix(sample)
+        routes = TEXT_PROMPT in self.media_processors
+        if routes:
+            sample = route_prompts(sample)
         missing = sorted({m for m, items in sample.media.items() if items} - set(self.media_processors))
         if missing:
             raise BadSample.of(sample.id, missing[0], f"has media but the model has no {missing[0]} encoder", kind="no encoder")
@@ -167,7 +175,7 @@ class Processor:
         input_ids: list[int] = []
         labels: list[int] = []
         next_item = {m: 0 for m in media}
-        for piece_start, piece_end, modality in self._pieces(text, spans):
+        for piece_start, piece_end, modality in self._pieces(text, spans, MARKER_OR_PROMPT_RE if routes else MARKER_RE):
             if modality is None:
                 ids = self.tokenizer(text[piece_start:piece_end], add_special_tokens=False)["input_ids"]
                 inside = any(s <= piece_start and piece_end <= e for s, e in spans)
@@ -220,13 +228,13 @@ class Processor:
         return Sample(sample.id, messages, sample.media, sample.meta)
 
     @staticmethod
-    def _pieces(text: str, spans: list[tuple[int, int]]):
-        """Split ``text`` at media markers and assistant-span edges: ``(start, end, modality | None)``.
+    def _pieces(text: str, spans: list[tuple[int, int]], markers_re: re.Pattern = MARKER_RE):
+        """Split ``text`` at media markers (``markers_re``) and assistant-span edges: ``(start, end, modality | None)``.
 
         Text pieces are tokenized separately, so the prompt is tokenized exactly as at generation
         time and each answer as it would be generated.
         """
-        markers = [(m.start(), m.end(), _MODALITY_OF[m.group()]) for m in MARKER_RE.finditer(text)]
+        markers = [(m.start(), m.end(), _MODALITY_OF[m.group()]) for m in markers_re.finditer(text)]
         cuts = sorted({0, len(text), *(p for span in spans for p in span), *(p for a, b, _ in markers for p in (a, b))})
         marker_at = {a: (b, modality) for a, b, modality in markers}
         for a, b in zip(cuts, cuts[1:]):

@@ -10,7 +10,7 @@ from .base import FusionStrategy
 
 # Sentinel ids for placeholder positions (as LLaVA's IMAGE_TOKEN_INDEX = -200): never looked up in
 # the embedding table, so the LLM's vocabulary stays as it is.
-PLACEHOLDER_IDS = {"image": -200, "audio": -201, "video": -202}
+PLACEHOLDER_IDS = {"image": -200, "audio": -201, "video": -202, "text_prompt": -203}
 
 
 class EmbeddingFusion(FusionStrategy):

@@ -5,7 +5,7 @@ A :class:`Clip` is 2 s long and holds 1-3 non-overlapping :class:`Event` s in te
 ``high`` pitch (300 / 900 / 2700 Hz, a factor 3 apart) and ``short`` (0.2 s) or ``long`` (0.44 s).
 A kind appears at most once per clip, so "the chirp" names one event. Everything is seeded by the
 ``random.Random`` passed in; :func:`synthesize` turns a clip into a waveform, :func:`frame_labels`
-into per-frame targets, :func:`caption` and :func:`questions` into text.
+into per-frame targets, :func:`caption`, :func:`questions` and :func:`combined_question` into text.
 """
 
 from __future__ import annotations
@@ -161,17 +161,19 @@ def synthesize(clip: Clip, sample_rate: int = SAMPLE_RATE, rng: random.Random | 
 def frame_labels(clip: Clip, n_frames: int) -> dict[str, np.ndarray]:
     """Per-frame targets, the clip cut into ``n_frames`` equal frames labelled by their centre.
 
-    Returns int64 arrays (n_frames,): ``"kind"`` (0 silence, 1 + KINDS index) and ``"pitch"``
-    (0 silence, 1 + PITCHES index).
+    Returns int64 arrays (n_frames,): ``"kind"`` (0 silence, 1 + KINDS index), ``"pitch"``
+    (0 silence, 1 + PITCHES index) and ``"duration"`` (0 silence, 1 + DURATIONS index).
     """
     centres = (np.arange(n_frames) + 0.5) * (CLIP_SECONDS / n_frames)
     kind = np.zeros(n_frames, dtype=np.int64)
     pitch = np.zeros(n_frames, dtype=np.int64)
+    duration = np.zeros(n_frames, dtype=np.int64)
     for event in clip.events:
         inside = (centres >= event.start) & (centres < event.end)
         kind[inside] = 1 + KINDS.index(event.kind)
         pitch[inside] = 1 + PITCHES.index(event.pitch)
-    return {"kind": kind, "pitch": pitch}
+        duration[inside] = 1 + DURATIONS.index(event.duration)
+    return {"kind": kind, "pitch": pitch, "duration": duration}
 
 
 def caption(clip: Clip) -> str:
@@ -202,6 +204,17 @@ def questions(clip: Clip, rng: random.Random) -> list[tuple[str, str, str]]:
         else:
             out.append(("order", f"What comes before the {events[i + 1].kind}?", events[i].kind))
     return out
+
+
+def combined_question(asked: list[tuple[str, str, str]], rng: random.Random) -> tuple[str, str, str]:
+    """Two of a clip's questions (``asked``, as :func:`questions` returns them: one per kind), in their
+    order, in one instruction: ``("pitch+duration", "What is the pitch of the tone? Is the chirp short
+    or long? Answer both.", "high, long")``. ``rng`` picks the two."""
+    if len(asked) < 2:
+        raise ValueError(f"combined_question: needs two questions, got {len(asked)}")
+    first, second = sorted(rng.sample(range(len(asked)), 2))
+    (k1, q1, a1), (k2, q2, a2) = asked[first], asked[second]
+    return f"{k1}+{k2}", f"{q1} {q2} Answer both.", f"{a1}, {a2}"
 
 
 def write_wav(path: str | Path, wave: np.ndarray, sample_rate: int = SAMPLE_RATE) -> None:

@@ -27,7 +27,7 @@ SPLITS = ("train", "val", "test", "heldout")
 TASKS = (
     "image_caption", "image_qa", "audio_caption", "audio_qa", "video_caption", "video_qa",
     "interleaved", "documents", "digits_qa", "digits_caption", "image_audio_qa", "text",
-    "image_generation", "audio_generation",
+    "image_generation", "audio_generation", "audio_multi_qa",
 )
 GENERATION_PROMPT = {"image": "Draw the image: ", "audio": "Make the sound: "}
 VIDEO_FRAMES = 8
@@ -233,6 +233,17 @@ class _Writer:
             for it in items for kind, q, a in it.questions
         ])
 
+    def audio_multi_task(self, split: str, clips: list[_Item]) -> None:
+        """``audio_multi_qa``: two of a clip's questions in one instruction, answered together (WavLLM's
+        complex instructions); ``meta.kind`` names both kinds (``"pitch+duration"``)."""
+        rng = _rng(self.seed, "audio_multi", split)
+        records = []
+        for clip in clips:
+            kind, question, answer = sounds.combined_question(clip.questions, rng)
+            meta = {"task": "audio_multi_qa", "split": split, "kind": kind, "captions": {"audio": [clip.caption]}}
+            records.append(_record(f"{clip.id}-multi", {"audio": [clip.file]}, _markers("audio") + question, answer, meta))
+        self.write_task("audio_multi_qa", split, records)
+
     def image_audio_task(self, split: str, images: list[_Item], clips: list[_Item]) -> None:
         rng = _rng(self.seed, "image_audio", split)
         n = min(len(images), len(clips))
@@ -345,6 +356,7 @@ def write_world(out_dir: Path, *, seed: int = 0, sizes: WorldSizes | None = None
         images, clips, videos = writer.scene_items(split), writer.sound_items(split), writer.video_items(split)
         writer.media_tasks("image", "image", split, images)
         writer.media_tasks("audio", "audio", split, clips)
+        writer.audio_multi_task(split, clips)
         writer.media_tasks("video", "video", split, videos)
         writer.media_tasks("image", "digits", split, digit_items[split])
         writer.image_audio_task(split, images, clips)
