@@ -7,6 +7,8 @@ weights, which is what tests and saved checkpoints use.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -166,3 +168,16 @@ __all__ = [
     "load_tokenizer",
     "resolve_path",
 ]
+
+
+@contextlib.contextmanager
+def progress_bars_off() -> Iterator[None]:
+    """transformers' progress bars off for the block (a ``save_pretrained`` / ``from_pretrained`` inside a
+    world build, which draws its own bar), restored after."""
+    bars = transformers.utils.logging.is_progress_bar_enabled()
+    transformers.utils.logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if bars:
+            transformers.utils.logging.enable_progress_bar()

@@ -22,6 +22,7 @@ import torch
 import transformers
 from torch import nn
 
+from mmfuse.backbones.loading import progress_bars_off
 from mmfuse.backbones.schedules import warmup_cosine
 from mmfuse.data.synth import sounds
 from mmfuse.data.synth.sounds import Event
@@ -175,13 +176,8 @@ def pretrain_acoustic_encoder(
                     "train_seconds": round(train_seconds, 1)})
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    bars = transformers.utils.logging.is_progress_bar_enabled()
-    transformers.utils.logging.disable_progress_bar()  # save_pretrained would draw one
-    try:
+    with progress_bars_off():
         model.save_pretrained(out_dir)
-    finally:
-        if bars:
-            transformers.utils.logging.enable_progress_bar()
     extractor.save_pretrained(out_dir)
     (out_dir / "pretrain_metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
     return out_dir

@@ -21,6 +21,7 @@ import torch
 import transformers
 from torch import nn
 
+from mmfuse.backbones.loading import progress_bars_off
 from mmfuse.data.synth import sounds
 from mmfuse.data.synth.sounds import Event
 
@@ -187,13 +188,8 @@ def pretrain_audio_encoder(
     )
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    bars = transformers.utils.logging.is_progress_bar_enabled()
-    transformers.utils.logging.disable_progress_bar()  # save_pretrained would draw one
-    try:
+    with progress_bars_off():
         model.save_pretrained(out_dir)
-    finally:
-        if bars:
-            transformers.utils.logging.enable_progress_bar()
     extractor.save_pretrained(out_dir)
     (out_dir / "pretrain_metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
     return out_dir

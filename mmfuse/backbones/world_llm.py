@@ -26,6 +26,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 from ..data.synth import scenes, sounds, video
 from ..data.synth.heldout import event_allowed, shape_allowed
 from ..data.synth.text import text_corpus, text_question
+from .loading import progress_bars_off
 
 BOS, EOS, PAD = "<|begin_of_text|>", "<|end_of_text|>", "<|pad|>"
 ROLE_TOKENS = ("<|user|>", "<|assistant|>", "<|system|>", "<|end|>")
@@ -248,13 +249,8 @@ def pretrain_llm(out_dir: Path, *, seed: int = 0, steps: int = DEFAULT_STEPS, pr
         "transformers_version": transformers.__version__,
     }
     out_dir.mkdir(parents=True, exist_ok=True)
-    bars = transformers.utils.logging.is_progress_bar_enabled()
-    transformers.utils.logging.disable_progress_bar()  # save_pretrained would draw one
-    try:
+    with progress_bars_off():
         model.save_pretrained(out_dir)
-    finally:
-        if bars:
-            transformers.utils.logging.enable_progress_bar()
     tokenizer.save_pretrained(out_dir)
     metrics["wall_seconds"] = round(time.perf_counter() - start, 1)
     (out_dir / "pretrain_metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")

@@ -25,8 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import ViTConfig, ViTImageProcessorPil, ViTModel
-from transformers.utils import logging as hf_logging
 
+from mmfuse.backbones.loading import progress_bars_off
 from mmfuse.backbones.schedules import warmup_cosine
 from mmfuse.data.synth import video
 from mmfuse.data.synth.scenes import (
@@ -270,13 +270,8 @@ def pretrain_vision_encoder(
         metrics["eval_held_out_scenes"] = _accuracy(model, heads, *_examples(eval_rng, EVAL_EXAMPLES, held_out, n_shapes=1))
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    bars = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
+    with progress_bars_off():
         model.save_pretrained(out_dir)
-    finally:
-        if bars:
-            hf_logging.enable_progress_bar()
     image_processor().save_pretrained(out_dir)
     (out_dir / "pretrain_metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     return out_dir

@@ -26,7 +26,7 @@ from sklearn.cluster import MiniBatchKMeans
 from torch import nn
 from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
-from mmfuse.backbones.loading import config_dict, default_processor, hf_config_from_dict, resolve_path
+from mmfuse.backbones.loading import config_dict, default_processor, hf_config_from_dict, progress_bars_off, resolve_path
 from mmfuse.backbones.schedules import warmup_cosine
 from mmfuse.codecs.audio import (
     EVAL_CLIPS, SHIFT_FRACTION, Spectrogram, SpectrogramDecoder, code_frame_spectra, pitch_metrics, spectral_loss, to_wave,
@@ -178,13 +178,8 @@ def pretrain_semantic_audio(
     torch.manual_seed(seed)
     rng = random.Random(seed)
     path = resolve_path(audio_encoder)
-    bars = transformers.utils.logging.is_progress_bar_enabled()
-    transformers.utils.logging.disable_progress_bar()  # from_pretrained would draw one under the build's
-    try:
+    with progress_bars_off():
         whisper = transformers.WhisperModel.from_pretrained(path, use_safetensors=True)
-    finally:
-        if bars:
-            transformers.utils.logging.enable_progress_bar()
     codec = SemanticAudioCodec(encoder=config_dict(whisper.config), **(codec_settings or {}))
     codec.encoder.load_state_dict(whisper.get_encoder().state_dict())
     codec._processor = transformers.AutoFeatureExtractor.from_pretrained(path)
