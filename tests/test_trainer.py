@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from mmfuse.data.schema import Sample
 from mmfuse.train import StageConfig, Trainer, TrainConfig, apply_stage, lora_parameters, merge_lora
 from mmfuse.train.checkpoint import list_checkpoints
 from mmfuse.train.stage import optimizer_groups
@@ -535,3 +536,43 @@ def _train_and_die(out: str, kill_at: str, threads: str) -> None:
 
 if __name__ == "__main__":
     _train_and_die(*sys.argv[1:])
+
+
+class KindedData(torch.utils.data.Dataset):
+    """``make_dataset`` items with an id, and the ``samples`` (meta kinds alternating colour / count)
+    that a stage's ``kinds`` selects from, as in :class:`~mmfuse.data.dataset.ProcessedDataset`."""
+
+    def __init__(self, n: int):
+        self.items = [{**item, "id": f"s{i}"} for i, item in enumerate(make_dataset(n, 6))]
+        self.samples = [Sample(f"s{i}", [], meta={"kind": "colour" if i % 2 else "count"}) for i in range(n)]
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        return self.items[i]
+
+
+def test_stage_kinds_train_only_on_those_samples(tmp_path):
+    """A ``kinds`` stage sees only its kinds (every colour sample over its epochs), the next stage all."""
+    seen: dict[str, list[str]] = {"colour": [], "all": []}
+    stages = [StageConfig(name="colour", train=["connectors"], data=["x"], kinds=["colour"], steps=4, lr=1e-2, batch_size=2),
+              StageConfig(name="all", train=["connectors"], data=["x"], steps=4, lr=1e-2, batch_size=4)]
+    current = iter(["colour"] * 4 + ["all"] * 4)
+
+    def recording(items):
+        seen[next(current)].extend(it["id"] for it in items)
+        return collate(items)
+
+    config = TrainConfig(stages=stages, output_dir=str(tmp_path / "run"), log_every=1)
+    Trainer(TinyMM(dropout=0.0), config, {"x": KindedData(8)}, recording, progress=False).train()
+    assert sorted(seen["colour"]) == sorted([f"s{i}" for i in (1, 3, 5, 7)] * 2)  # two epochs of the 4 colour samples
+    assert {int(s[1:]) % 2 for s in seen["all"]} == {0, 1}
+    with pytest.raises(ValueError, match=r"stage 'c', data 'x': no sample has a meta kind in \['size'\]; the kinds found are \['colour', 'count'\]"):
+        bad = StageConfig(name="c", train=["connectors"], data=["x"], kinds=["size"], steps=1, lr=1e-2, batch_size=2)
+        Trainer(TinyMM(), TrainConfig(stages=[bad], output_dir=str(tmp_path / "bad")), {"x": KindedData(8)}, collate,
+                progress=False).train()
+    with pytest.raises(ValueError, match="needs an in-memory dataset of samples"):
+        bad = StageConfig(name="c", train=["connectors"], data=["x"], kinds=["colour"], steps=1, lr=1e-2, batch_size=2)
+        Trainer(TinyMM(), TrainConfig(stages=[bad], output_dir=str(tmp_path / "plain")), {"x": make_dataset(8, 0)}, collate,
+                progress=False).train()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Subset
 
 from .badsamples import Skipped
 from .processor import Encoded, Processor
@@ -38,3 +38,17 @@ class ProcessedStream:
 
     def epoch(self, seed: int, rank: int = 0, world: int = 1, start: int = 0) -> Iterator[Encoded | Skipped]:
         return map(self.processor, self.stream.epoch(seed, rank, world, start))
+
+
+def kind_subset(dataset: Dataset, kinds: list[str], where: str) -> Subset:
+    """The samples of ``dataset`` (an in-memory dataset with ``.samples``) whose ``meta["kind"]`` is in
+    ``kinds``, in their order; an error naming ``where`` when it has no samples list or none match."""
+    samples = getattr(dataset, "samples", None)
+    if samples is None:
+        raise ValueError(f"{where}: 'kinds' picks samples by meta['kind'] and needs an in-memory dataset of samples, "
+                         f"got {type(dataset).__name__}")
+    keep = [i for i, sample in enumerate(samples) if sample.meta.get("kind") in kinds]
+    if not keep:
+        found = sorted({str(sample.meta.get("kind")) for sample in samples})
+        raise ValueError(f"{where}: no sample has a meta kind in {kinds}; the kinds found are {found}")
+    return Subset(dataset, keep)

@@ -34,6 +34,8 @@ class StageConfig(JsonConfig):
     embedding is trainable with every other row's gradient zeroed, and without weight decay, so the
     other rows (and, when tied, the output layer's) stay bit-identical. ``max_grad_norm`` <= 0 turns clipping off. ``mixed_precision`` is
     accelerate's: "bf16" works on CPU and GPU, "fp16" needs a GPU.
+    ``kinds``: when not empty, the stage reads only the samples of its ``data`` whose ``meta["kind"]``
+    is listed (e.g. a curriculum stage on some question kinds); in-memory datasets only.
     A LoRA stage merges its adapters into the base weights when it ends.
     """
 
@@ -45,6 +47,7 @@ class StageConfig(JsonConfig):
     lora_dropout: float = 0.0
     lora_target_modules: list[str] | str = "all-linear"
     data: list[str] = field(default_factory=list)
+    kinds: list[str] = field(default_factory=list)
     steps: int
     lr: float
     weight_decay: float = 0.0

@@ -65,6 +65,7 @@ from mmfuse.train.checkpoint import (
     temp_dir,
 )
 from mmfuse.data.badsamples import BadSampleLog
+from mmfuse.data.dataset import kind_subset
 from mmfuse.data.processor import IGNORE_INDEX
 from mmfuse.safe_loading import require_safetensors
 from mmfuse.train.config import StageConfig, TrainConfig
@@ -346,6 +347,10 @@ class Trainer:
         """Endless micro-batches from (epoch, start), each with the position right after it."""
         parts = [self.datasets[name] for name in stage.data]
         streams = [d for d in parts if isinstance(d, StreamingDataset)]
+        if stage.kinds:
+            if streams:
+                raise ValueError(f"stage {stage.name!r}: 'kinds' picks samples from in-memory datasets; {stage.data} is streamed")
+            parts = [kind_subset(d, stage.kinds, f"stage {stage.name!r}, data {name!r}") for name, d in zip(stage.data, parts)]
         if streams:
             if len(parts) > 1:
                 raise ValueError(f"stage {stage.name!r}: a streamed dataset must be the stage's only data, got {stage.data}")
