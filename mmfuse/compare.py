@@ -142,7 +142,7 @@ def run_recipe(job: Job, log: Callable[[str], None] = print) -> dict[str, Any]:
         params_trainable=trainable_parameters(probe, stages),
         budget={"samples": sum(samples), "requested": settings.budget,
                 "stages": [{"name": s.name, "steps": s.steps, "batch_size": s.batch_size, "samples": n, "train": s.train + s.lora,
-                            "data": s.data} for s, n in zip(stages, samples)]},
+                            "data": s.data, "kinds": s.kinds} for s, n in zip(stages, samples)]},
         train_flops_per_sample=sum(f * n for f, n in zip(flops, samples)) / sum(samples),
         train_flops_by_stage={s.name: f for s, f in zip(stages, flops)},
         media_token_cost=media_token_cost(probe, stages[-1], first_item, modalities[0], settings.media_items),
