@@ -11,7 +11,6 @@ off, so the encoder gives the same features in training mode, frozen inside a mo
 
 from __future__ import annotations
 
-import json
 import random
 import time
 from pathlib import Path
@@ -22,16 +21,14 @@ import torch
 import transformers
 from torch import nn
 
-from mmfuse.backbones.loading import progress_bars_off
 from mmfuse.backbones.schedules import warmup_cosine
+from mmfuse.backbones.world_audio import EVAL_CLIPS, evaluate_and_save, fit_on_clips
 from mmfuse.data.synth import sounds
 from mmfuse.data.synth.sounds import Event
 
 N_FRAMES = 99  # encoder frames per 2 s clip: the conv feature encoder's stride is 320 samples
 DEFAULT_STEPS = 250
 LEARNING_RATE = 2e-3
-CHUNK_BATCHES = 8  # batches of clips synthesized at once
-EVAL_CLIPS = 512
 LOUDNESS_FLOOR = 1e-4  # RMS added before the log, so silence is about -4
 
 
@@ -150,34 +147,13 @@ def pretrain_acoustic_encoder(
 
     model.train()
     heads.train()
-    chunk: list[dict[str, torch.Tensor]] = []
-    for step in range(1, steps + 1):
-        if not chunk:
-            n = min(CHUNK_BATCHES, steps - step + 1)
-            data = _make_batch(n * batch_size, rng, extractor, allowed)
-            chunk = [{k: v[i * batch_size : (i + 1) * batch_size] for k, v in data.items()} for i in range(n)]
-        batch = chunk.pop(0)
-        loss = _loss(heads(model(input_values=batch["values"]).last_hidden_state), batch)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        schedule.step()
-        if progress is not None:
-            progress(step, steps, {"loss": loss.item()})
+    fit_on_clips(lambda batch: _loss(heads(model(input_values=batch["values"]).last_hidden_state), batch), params,
+                 optimizer, schedule, lambda n: _make_batch(n, rng, extractor, allowed), steps, batch_size, progress)
     train_seconds = time.perf_counter() - started
 
     model.eval()
-    metrics = _evaluate(model, heads, _make_batch(EVAL_CLIPS, eval_rng, extractor, allowed))
-    if allowed is not None:
-        unrestricted = _evaluate(model, heads, _make_batch(EVAL_CLIPS, eval_rng, extractor, None))
-        metrics.update({f"all_events_{k}": v for k, v in unrestricted.items()})
-    metrics.update({"steps": steps, "batch_size": batch_size, "seed": seed, "eval_clips": EVAL_CLIPS,
-                    "train_seconds": round(train_seconds, 1)})
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with progress_bars_off():
-        model.save_pretrained(out_dir)
-    extractor.save_pretrained(out_dir)
-    (out_dir / "pretrain_metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
-    return out_dir
+    return evaluate_and_save(
+        out_dir, model, extractor, lambda batch: _evaluate(model, heads, batch),
+        lambda n, allowed_: _make_batch(n, eval_rng, extractor, allowed_), allowed,
+        {"steps": steps, "batch_size": batch_size, "seed": seed, "eval_clips": EVAL_CLIPS, "train_seconds": round(train_seconds, 1)},
+    )

@@ -160,33 +160,65 @@ def pretrain_audio_encoder(
 
     encoder.train()
     heads.train()
+    fit_on_clips(lambda batch: _loss(heads(encoder(batch["features"]).last_hidden_state), batch), params, optimizer,
+                 schedule, lambda n: _make_batch(n, rng, extractor, allowed), steps, batch_size, progress)
+    train_seconds = time.perf_counter() - started
+
+    encoder.eval()
+    heads.eval()
+    return evaluate_and_save(
+        out_dir, model, extractor, lambda batch: _evaluate(encoder, heads, batch),
+        lambda n, allowed_: _make_batch(n, eval_rng, extractor, allowed_), allowed,
+        {"steps": steps, "batch_size": batch_size, "seed": seed, "eval_clips": EVAL_CLIPS, "train_seconds": train_seconds},
+    )
+
+
+def fit_on_clips(
+    loss_of: Callable[[dict[str, torch.Tensor]], torch.Tensor],
+    params: list[nn.Parameter],
+    optimizer: torch.optim.Optimizer,
+    schedule: torch.optim.lr_scheduler.LRScheduler,
+    make_batch: Callable[[int], dict[str, torch.Tensor]],
+    steps: int,
+    batch_size: int,
+    progress: Callable[[int, int, dict], None] | None,
+) -> None:
+    """The pretraining loop of the world's audio encoders: ``steps`` batches of fresh clips, drawn
+    ``make_batch(n)`` CHUNK_BATCHES batches at a time, each a step on ``loss_of(batch)`` with the
+    gradient norm clipped at 1; ``progress(step, steps, {"loss": float})`` after every step."""
     chunk: list[dict[str, torch.Tensor]] = []
     for step in range(1, steps + 1):
         if not chunk:
             n = min(CHUNK_BATCHES, steps - step + 1)
-            data = _make_batch(n * batch_size, rng, extractor, allowed)
+            data = make_batch(n * batch_size)
             chunk = [{k: v[i * batch_size : (i + 1) * batch_size] for k, v in data.items()} for i in range(n)]
-        batch = chunk.pop(0)
-        loss = _loss(heads(encoder(batch["features"]).last_hidden_state), batch)
-        optimizer.zero_grad()
+        loss = loss_of(chunk.pop(0))
+        optimizer.zero_grad(set_to_none=True)
         loss.backward()
         nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         schedule.step()
         if progress is not None:
             progress(step, steps, {"loss": loss.item()})
-    train_seconds = time.perf_counter() - started
 
-    encoder.eval()
-    heads.eval()
-    metrics = _evaluate(encoder, heads, _make_batch(EVAL_CLIPS, eval_rng, extractor, allowed))
+
+def evaluate_and_save(
+    out_dir: Path,
+    model: transformers.PreTrainedModel,
+    extractor,
+    evaluate: Callable[[dict[str, torch.Tensor]], dict[str, float]],
+    make_batch: Callable[[int, Callable[[Event], bool] | None], dict[str, torch.Tensor]],
+    allowed: Callable[[Event], bool] | None,
+    settings: dict,
+) -> Path:
+    """Score a world audio encoder on EVAL_CLIPS fresh clips of ``allowed`` events (``make_batch(n,
+    allowed)``) and, when ``allowed`` rejects some, on clips of every event (``all_events_*``); save the
+    model, its feature extractor and ``pretrain_metrics.json`` (the scores and ``settings``) to ``out_dir``."""
+    metrics = evaluate(make_batch(EVAL_CLIPS, allowed))
     if allowed is not None:
-        unrestricted = _evaluate(encoder, heads, _make_batch(EVAL_CLIPS, eval_rng, extractor, None))
+        unrestricted = evaluate(make_batch(EVAL_CLIPS, None))
         metrics.update({f"all_events_{k}": v for k, v in unrestricted.items()})
-    metrics.update(
-        {"steps": steps, "batch_size": batch_size, "seed": seed, "eval_clips": EVAL_CLIPS, "train_seconds": train_seconds}
-    )
-
+    metrics.update(settings)
     out_dir.mkdir(parents=True, exist_ok=True)
     with progress_bars_off():
         model.save_pretrained(out_dir)
