@@ -157,19 +157,6 @@ def config_dict(config: PretrainedConfig) -> dict[str, Any]:
     return config.to_dict()
 
 
-__all__ = [
-    "config_dict",
-    "default_processor",
-    "from_pretrained_safetensors",
-    "hf_config_from_dict",
-    "load_encoder_model",
-    "load_llm",
-    "load_media_processor",
-    "load_tokenizer",
-    "resolve_path",
-]
-
-
 @contextlib.contextmanager
 def progress_bars_off() -> Iterator[None]:
     """transformers' progress bars off for the block (a ``save_pretrained`` / ``from_pretrained`` inside a
@@ -181,3 +168,17 @@ def progress_bars_off() -> Iterator[None]:
     finally:
         if bars:
             transformers.utils.logging.enable_progress_bar()
+
+
+__all__ = [
+    "config_dict",
+    "default_processor",
+    "from_pretrained_safetensors",
+    "hf_config_from_dict",
+    "load_encoder_model",
+    "load_llm",
+    "load_media_processor",
+    "load_tokenizer",
+    "progress_bars_off",
+    "resolve_path",
+]

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageSequence
 
+from ..config import TEXT_PROMPT
 from .badsamples import BadSample
 
 AUDIO_RATE_DEFAULT = 16000
@@ -285,7 +286,7 @@ class MediaProcessor:
         if self.modality == "video":
             frames = load_video(item, self.frames, sample_id, index, max_pixels=self.max_image_pixels)
             return self._images(frames, sample_id, index)
-        if self.modality == "text_prompt":
+        if self.modality == TEXT_PROMPT:
             return self._prompt(item, sample_id, index)
         return self._audio(load_audio(item, self.sampling_rate, sample_id, index), sample_id, index)
 
