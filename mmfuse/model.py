@@ -100,17 +100,7 @@ class MultimodalLM(nn.Module):
         tokenizer = load_tokenizer(config.llm)
         add_tokens(llm, tokenizer, config.llm.add_tokens)
         config.llm.hf_config = config_dict(llm.config)
-        encoders, processors = {}, {}
-        for modality, enc_cfg in config.encoders.items():
-            model = load_encoder_model(enc_cfg)
-            processors[modality] = MediaProcessor(
-                modality, load_media_processor(enc_cfg, model.config), pad_to_square=enc_cfg.pad_to_square, frames=enc_cfg.frames,
-                max_tokens=enc_cfg.max_tokens,
-            )
-            enc_cfg.hf_config = config_dict(model.config)
-            encoders[modality] = MediaEncoder(enc_cfg, model)
-            if enc_cfg.extra:  # WavLLM: more encoders over the same clips
-                encoders[modality], processors[modality] = with_extra_encoders(enc_cfg, encoders[modality], processors[modality])
+        encoders, processors = _encoders(config)
         codecs = {}
         for modality, codec_cfg in config.codecs.items():
             if codec_cfg.name_or_path is None and codec_cfg.settings is None:
@@ -144,16 +134,7 @@ class MultimodalLM(nn.Module):
         llm = load_llm(config.llm)
         tokenizer = load_tokenizer(config.llm, fallback=str(directory))
         add_tokens(llm, tokenizer, config.llm.add_tokens)  # saved with them: nothing to add
-        encoders, processors = {}, {}
-        for modality, enc_cfg in config.encoders.items():
-            model = load_encoder_model(enc_cfg)
-            hf_processor = load_media_processor(enc_cfg, model.config, directory=str(directory / "processors" / modality))
-            processors[modality] = MediaProcessor(modality, hf_processor, pad_to_square=enc_cfg.pad_to_square, frames=enc_cfg.frames,
-                                                  max_tokens=enc_cfg.max_tokens)
-            encoders[modality] = MediaEncoder(enc_cfg, model)
-            if enc_cfg.extra:
-                encoders[modality], processors[modality] = with_extra_encoders(
-                    enc_cfg, encoders[modality], processors[modality], directory / "processors" / modality)
+        encoders, processors = _encoders(config, directory)
         codecs = {m: mmfuse_codecs.build_codec(c.settings) for m, c in config.codecs.items()}
         for modality in codecs:
             processors[modality] = MediaProcessor(modality, saved_processor(modality, str(directory / "processors" / modality)),
@@ -371,3 +352,22 @@ class MultimodalLM(nn.Module):
             **generate_kwargs,
         )
         return [text for text, _ in self.decode_output(tokens)]
+
+
+def _encoders(config: MultimodalConfig, checkpoint: Path | None = None) -> tuple[dict[str, nn.Module], dict[str, MediaProcessor]]:
+    """Each modality's encoder (with its ``extra`` encoders, WavLLM) and media processor; the processors
+    come from ``checkpoint/processors/<m>`` when loading a checkpoint. Building afresh fills each
+    encoder config's ``hf_config``, so the checkpoint rebuilds the same encoder."""
+    encoders, processors = {}, {}
+    for modality, enc_cfg in config.encoders.items():
+        model = load_encoder_model(enc_cfg)
+        saved = None if checkpoint is None else checkpoint / "processors" / modality
+        hf_processor = load_media_processor(enc_cfg, model.config, directory=None if saved is None else str(saved))
+        processors[modality] = MediaProcessor(modality, hf_processor, pad_to_square=enc_cfg.pad_to_square, frames=enc_cfg.frames,
+                                              max_tokens=enc_cfg.max_tokens)
+        if checkpoint is None:
+            enc_cfg.hf_config = config_dict(model.config)
+        encoders[modality] = MediaEncoder(enc_cfg, model)
+        if enc_cfg.extra:  # WavLLM: more encoders over the same clips
+            encoders[modality], processors[modality] = with_extra_encoders(enc_cfg, encoders[modality], processors[modality], saved)
+    return encoders, processors
