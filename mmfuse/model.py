@@ -83,13 +83,18 @@ class MultimodalLM(nn.Module):
         )
 
     def _resolve_vocabulary(self, options: dict, llm) -> None:
-        """Type-D: record the LLM's text rows and each codec's codebooks in the fusion options (once,
-        so a saved model rebuilds the same id layout); a saved layout that disagrees with the codecs raises."""
+        """Type-D: record the LLM's text rows and each codec's codebooks (and feature widths, when the
+        fusion reads features) in the fusion options (once, so a saved model rebuilds the same id layout
+        and projections); a saved layout that disagrees with the codecs raises."""
         options.setdefault("text_vocab_size", llm.get_input_embeddings().num_embeddings)
         codebooks = {m: [codec.codebook_size, codec.num_codebooks] for m, codec in self.codecs.items()}
         saved = options.setdefault("codebooks", codebooks)
         if {m: list(v) for m, v in saved.items()} != codebooks:
             raise ValueError(f"fusion.options.codebooks {saved} do not match the codecs' {codebooks}")
+        if options.get("read") == "features":
+            dims = {m: codec.feature_dim for m, codec in self.codecs.items()}
+            if options.setdefault("feature_dims", dims) != dims:
+                raise ValueError(f"fusion.options.feature_dims {options['feature_dims']} do not match the codecs' {dims}")
 
     # -- construction ---------------------------------------------------------------------------
     @classmethod
@@ -247,8 +252,16 @@ class MultimodalLM(nn.Module):
             out[modality] = self._connect(modality, inputs, features)
         return out
 
-    def llm_inputs(self, input_ids: torch.Tensor, media: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
-        return self.fusion.llm_inputs(self.llm, input_ids, self.encode_media(media or {}))
+    def llm_inputs(self, input_ids: torch.Tensor, media: dict[str, torch.Tensor] | None,
+                   labels: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """The fusion's keyword arguments for the LLM. A fusion that reads codec features (LaVIT) also
+        gets them, and which positions the model writes (``labels``'s labelled ones; none without labels)."""
+        media = media or {}
+        if not self.fusion.reads_features:
+            return self.fusion.llm_inputs(self.llm, input_ids, self.encode_media(media))
+        features = {m: self.codecs[m].features(t.to(next(self.codecs[m].parameters()).dtype)) for m, t in media.items() if m in self.codecs}
+        written = None if labels is None else labels != IGNORE_INDEX
+        return self.fusion.llm_inputs(self.llm, input_ids, self.encode_media(media), features=features, written=written)
 
     def forward(self, input_ids, attention_mask=None, labels=None, media=None, ids=None, num_items_in_batch=None, skipped=None,
                 **llm_kwargs):
@@ -261,13 +274,15 @@ class MultimodalLM(nn.Module):
         every part of a global batch gives the loss of the global batch in one piece. ``ids`` and
         ``skipped`` are the collator's bookkeeping (sample ids, records of skipped samples), unused here."""
         try:
-            inputs = self.llm_inputs(input_ids, media)
+            inputs = self.llm_inputs(input_ids, media, labels)
         except ValueError as err:
             raise ValueError(f"batch {ids or '?'}: {err}") from err
         if labels is not None:
             labels = self.fusion.labels(labels, inputs)
         if num_items_in_batch is not None:
             llm_kwargs["num_items_in_batch"] = num_items_in_batch
+        if "inputs_embeds" in inputs:  # the ids were for the labels; the LLM reads the embeddings
+            inputs = {k: v for k, v in inputs.items() if k != "input_ids"}
         output = self.llm(attention_mask=attention_mask, labels=labels, **inputs, **llm_kwargs)
         auxiliary = self.fusion.auxiliary_loss()
         if output.loss is not None and auxiliary is not None:
@@ -307,6 +322,8 @@ class MultimodalLM(nn.Module):
                 generate_kwargs["logits_processor"] = [*generate_kwargs.get("logits_processor", []), static or spans]
             if forced is not None:
                 inputs["input_ids"] = torch.cat([inputs["input_ids"], forced], dim=1)
+                if "inputs_embeds" in inputs:  # read features (LaVIT): the prompt is read as embeddings, ids kept alongside
+                    inputs["inputs_embeds"] = torch.cat([inputs["inputs_embeds"], self.llm.get_input_embeddings()(forced)], dim=1)
                 attention_mask = None if attention_mask is None else torch.cat([attention_mask, torch.ones_like(forced)], dim=1)
             tokens = self.llm.generate(attention_mask=attention_mask, **inputs, **generate_kwargs)
         if "input_ids" in inputs:  # transformers returns the prompt too when it was given as ids

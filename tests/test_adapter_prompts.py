@@ -145,6 +145,25 @@ def test_llama_adapter_parameter_count_at_llama_7b():
     assert sum(p.numel() for p in fusion.parameters()) == 10 * 30 * 4096 + 30 * 32
 
 
+def test_v1_global_feature_changes_every_querys_prompt_term_by_the_same_vector(tokenizer_dir):
+    """V1's structural limit: the global feature moves every prompt key by one vector, which the separate
+    softmax cancels, so what the image adds is ``gate * W_v g`` at every position, whatever the text
+    asks (a frozen LLM must read "the colour of the square" from a constant shift). V2's per-prompt
+    visual tokens do not have this limit."""
+    model = _model(tokenizer_dir, layers=1)
+    _open_gates(model)
+    attention = model.llm.model.layers[1].self_attn
+    query = torch.randn(1, 4, 6, attention.head_dim)  # 6 positions asking different things
+    feature = torch.randn(1, model.llm.config.hidden_size)
+    with torch.no_grad():
+        term = lambda media: model.fusion.prompt_attention(attention, 0, query, 0.5, media)  # noqa: E731
+        added = term(feature) - term(None)  # (1, positions, heads, head_dim)
+        shift = attention.v_proj(feature).view(1, 2, attention.head_dim).repeat_interleave(2, dim=1)
+        torch.testing.assert_close(added, torch.tanh(torch.tensor(1.0)) * shift.unsqueeze(1).expand_as(added))
+        per_prompt = term(torch.randn(1, 3, model.llm.config.hidden_size)) - term(None)  # V2: one token per prompt
+        assert (per_prompt - per_prompt[:, :1]).abs().amax() > 1e-4  # depends on the query
+
+
 def test_v2_visual_query_tokens_are_added_to_the_prompts(tokenizer_dir, media_dir):
     fusion = FusionConfig(type="B", options={"mechanism": "adapter_prompts", "prompt_length": 4, "media": "tokens"})
     config = tiny_config(tokenizer_dir, image="qformer", fusion=fusion)  # the tiny qformer has 4 queries

@@ -90,6 +90,37 @@ def test_image_codec_round_trip_shapes(quantizer, size):
     assert codec.decode(codes[:, torch.randperm(36)]).sub(images).abs().max() > 0  # codes carry position-wise content
 
 
+def test_query_image_codec_round_trip_shapes_and_settings():
+    codec = ImageCodec(**TINY_IMAGE, num_queries=4, query_depth=1, query_heads=2).eval()
+    pixels = _world_pixels(3)
+    codes = codec.encode(pixels)
+    assert codes.shape == (3, codec.num_frames((3, 48, 48)), 1) == (3, 4, 1)
+    assert codec.decode(codes).shape == (3, 3, 48, 48)
+    rebuilt = build_codec(codec.settings())
+    assert rebuilt.settings()["num_queries"] == 4 and rebuilt.num_frames((3, 48, 48)) == 4
+    _same_architecture(codec, rebuilt)
+    with pytest.raises(ValueError, match=r"expected codes of shape \(items, 4, 1\)"):
+        codec.decode(torch.zeros(1, 36, 1, dtype=torch.long))
+    for bad in ({"num_queries": 4, "query_heads": 3}, {"num_queries": 5}):
+        with pytest.raises(ValueError, match="num_queries must be a square number"):
+            ImageCodec(**TINY_IMAGE, **bad)
+
+
+def test_query_bottleneck_is_causal_over_queries_and_reads_every_cell():
+    torch.manual_seed(0)
+    codec = ImageCodec(**TINY_IMAGE, num_queries=9, query_depth=2, query_heads=2).eval()
+    cells = torch.randn(2, 36, 8)
+    with torch.no_grad():
+        before = codec.bottleneck.encode(cells)
+        codec.bottleneck.queries[3] += torch.randn(8)  # a later query changes ...
+        after = codec.bottleneck.encode(cells)
+        assert torch.equal(after[:, :3], before[:, :3])  # ... nothing before it
+        assert (after[:, 3:] - before[:, 3:]).abs().amax() > 1e-4  # (and itself and what follows)
+        moved = cells.clone()
+        moved[:, 35] += torch.randn(8)  # the last cell (bottom right) ...
+        assert (codec.bottleneck.encode(moved)[:, 0] - after[:, 0]).abs().amax() > 1e-4  # ... reaches the first query
+
+
 def test_image_codec_processor_and_shape_errors():
     codec = ImageCodec(**TINY_IMAGE).eval()
     pixels = codec.processor()(images=[Image.new("RGB", (60, 30), (255, 0, 0))], return_tensors="pt")["pixel_values"]
@@ -385,7 +416,9 @@ def test_registry_errors(tmp_path):
 
 
 def test_world_registers_the_codec_builders():
-    for name, builder in (("image_codec", pretrain_image_codec), ("audio_codec", pretrain_audio_codec),
+    assert world.WORLD_BACKBONES["query_image_codec"].keywords["codec_settings"]["num_queries"] > 0  # SEED's tokens
+    for name, builder in (("image_codec", pretrain_image_codec), ("query_image_codec", pretrain_image_codec),
+                          ("audio_codec", pretrain_audio_codec),
                           ("semantic_audio", pretrain_semantic_audio)):
         assert world.WORLD_BACKBONES[name].func is builder
         assert world.WORLD_BACKBONES[name].keywords["allowed"] is not None  # held-out combinations stay out

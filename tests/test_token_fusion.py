@@ -150,6 +150,79 @@ def test_constrained_generation_never_crosses_modalities(tokenizer_dir, media_di
     assert 0 <= items[0][1].min() and items[0][1].max() <= 1
 
 
+def test_a_learned_query_codec_reads_and_draws_images_as_its_query_codes(tokenizer_dir, media_dir):
+    config = token_config(tokenizer_dir)
+    config.codecs["image"].settings.update(num_queries=4, query_depth=1, query_heads=2)  # SEED's 1-D causal codes
+    model = MultimodalLM.from_config(config).eval()
+    vocab = model.fusion.vocabularies["image"]
+    batch = model.collator("left")([model.processor(look_sample(media_dir), for_generation=True)])
+    ids = model.llm_inputs(batch["input_ids"], batch["media"])["input_ids"][0].tolist()
+    begin = ids.index(vocab.begin)
+    assert ids[begin + 5] == vocab.end and all(vocab.first_code <= t < vocab.first_code + IMAGE_CODES for t in ids[begin + 1: begin + 5])
+    image = model.generate(batch["input_ids"], batch["attention_mask"], batch["media"], outputs=("image",),
+                           max_new_tokens=8, do_sample=False, logits_processor=[Boost(range(200))])[0].tolist()
+    assert image[0] == vocab.begin and image[5] == vocab.end  # exactly the codec's 4 codes
+    _, items = model.decode_output(torch.tensor([image]))[0]
+    assert items[0][0] == "image" and items[0][1].shape == (3, 16, 16)
+
+
+def redraw_sample(media_dir) -> Sample:  # reads one image, writes another
+    return Sample("redraw", [Message("user", "<image> draw it again"), Message("assistant", "<image>")],
+                  {"image": [media_dir / "a.png", media_dir / "b.png"]})
+
+
+def test_lavit_reads_prompt_images_as_features_and_writes_images_as_codes(tokenizer_dir, media_dir, tmp_path):
+    model = MultimodalLM.from_config(token_config(tokenizer_dir, read="features")).eval()
+    assert model.config.fusion.options["feature_dims"] == {"image": 8}  # the codec's latent width
+    batch = model.collator()([model.processor(redraw_sample(media_dir))])
+    inputs = model.llm_inputs(batch["input_ids"], batch["media"], batch["labels"])
+    placeholders = (batch["input_ids"][0] == PLACEHOLDER_IDS["image"]).nonzero().flatten()
+    read, written = placeholders[:IMAGE_CODES], placeholders[IMAGE_CODES:]
+    codec = model.codecs["image"]
+    features = model.fusion.read_projections["image"](codec.features(batch["media"]["image"]))
+    embeds, table = inputs["inputs_embeds"][0], model.llm.get_input_embeddings()
+    torch.testing.assert_close(embeds[read], features[0])  # the prompt's image: projected continuous features
+    torch.testing.assert_close(embeds[written], table(inputs["input_ids"][0, written]))  # the answer's: its code ids
+    assert torch.equal(inputs["input_ids"][0, written], codec.encode(batch["media"]["image"])[1, :, 0] + TEXT_ROWS + 2)
+    labels = model.fusion.labels(batch["labels"], inputs)
+    assert (labels[0, read] == IGNORE_INDEX).all() and torch.equal(labels[0, written], inputs["input_ids"][0, written])
+    other = torch.equal(table(inputs["input_ids"][0, read]), embeds[read])
+    assert not other  # not the read image's code embeddings
+    with torch.no_grad():  # and the LLM reads the embeddings, not the ids
+        torch.testing.assert_close(model(**batch).logits, model.llm(inputs_embeds=inputs["inputs_embeds"],
+                                                                    attention_mask=batch["attention_mask"]).logits)
+    # without labels (generation) every item is read as features
+    unlabelled = model.llm_inputs(batch["input_ids"], batch["media"])["inputs_embeds"][0]
+    assert torch.allclose(unlabelled[written], features[1])
+    # the projection learns with the LLM (group "fusion"); the codec stays out
+    apply_stage(model, StageConfig(name="s", train=["fusion", "llm"], data=["d"], steps=1, lr=1e-2))
+    model.train()(**batch).loss.backward()
+    assert model.fusion.read_projections["image"].weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in codec.parameters())
+    model.eval().save_pretrained(tmp_path / "ckpt")
+    loaded = MultimodalLM.from_pretrained(tmp_path / "ckpt")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**batch).logits, model(**batch).logits)
+
+
+def test_lavit_generation_reads_the_prompt_as_features_and_draws_codes(tokenizer_dir, media_dir):
+    model = MultimodalLM.from_config(token_config(tokenizer_dir, read="features")).eval()
+    batch = model.collator("left")([model.processor(look_sample(media_dir), for_generation=True)] * 2)
+    args = (batch["input_ids"], batch["attention_mask"], batch["media"])
+    kwargs = {"outputs": ("image",), "max_new_tokens": IMAGE_CODES + 3, "do_sample": False}
+    image = model.generate(*args, use_cache=True, **kwargs)
+    torch.testing.assert_close(image, model.generate(*args, use_cache=False, **kwargs))
+    vocab = model.fusion.vocabularies["image"]
+    assert image[0, 0] == vocab.begin and image[0, IMAGE_CODES + 1] == vocab.end
+    assert ((image[:, 1: IMAGE_CODES + 1] >= vocab.first_code) & (image[:, 1: IMAGE_CODES + 1] < vocab.first_code + IMAGE_CODES)).all()
+    with torch.no_grad():  # the prompt's image reaches the model through its features
+        shifted = {"image": batch["media"]["image"].flip(-1)}
+        assert not torch.equal(model.llm_inputs(batch["input_ids"], shifted)["inputs_embeds"],
+                               model.llm_inputs(batch["input_ids"], batch["media"])["inputs_embeds"])
+    with pytest.raises(ValueError, match="read must be one of"):
+        MultimodalLM.from_config(token_config(tokenizer_dir, read="pixels"))
+
+
 def test_cached_and_uncached_generation_give_the_same_tokens(tokenizer_dir, media_dir):
     model = MultimodalLM.from_config(token_config(tokenizer_dir)).eval()
     batch = model.collator("left")([model.processor(look_sample(media_dir), for_generation=True),

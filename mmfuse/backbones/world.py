@@ -2,8 +2,9 @@
 
 ``world:llm``, ``world:vision`` and ``world:audio`` name a small Llama, ViT and Whisper encoder trained
 from scratch on the synthetic world (seeded, no download), ``world:acoustic`` a small WavLM on the raw
-waveform (WavLLM's second, acoustic encoder); ``world:image_codec``, ``world:audio_codec``
-and ``world:semantic_audio`` the Type-D codecs of :mod:`mmfuse.codecs`. :func:`resolve` maps such a
+waveform (WavLLM's second, acoustic encoder); ``world:image_codec`` (grid codes),
+``world:query_image_codec`` (SEED's causal learned-query codes), ``world:audio_codec`` and
+``world:semantic_audio`` the Type-D codecs of :mod:`mmfuse.codecs`. :func:`resolve` maps such a
 name to its cached directory under :func:`cache_dir`, building it the first time; any other name is
 returned unchanged. A build is written to a temporary directory and renamed into place, so an
 interrupted build never leaves a half backbone behind. The vision and audio encoders and the codecs
@@ -41,6 +42,7 @@ from .world_vision import pretrain_vision_encoder
 
 PREFIX = "world:"
 SEED = 0
+QUERY_CODES = 16  # world:query_image_codec's codes per image (SEED: 32 per 224 px image)
 WORLD_VERSION = 1  # bump when the world or a builder changes, so stale caches are not reused
 WORLD_BACKBONES = {
     "llm": pretrain_llm,
@@ -48,6 +50,7 @@ WORLD_BACKBONES = {
     "audio": functools.partial(pretrain_audio_encoder, allowed=event_allowed),
     "acoustic": functools.partial(pretrain_acoustic_encoder, allowed=event_allowed),
     "image_codec": functools.partial(pretrain_image_codec, allowed=shape_allowed),
+    "query_image_codec": functools.partial(pretrain_image_codec, allowed=shape_allowed, codec_settings={"num_queries": QUERY_CODES}),
     "audio_codec": functools.partial(pretrain_audio_codec, allowed=event_allowed),
     "semantic_audio": functools.partial(pretrain_semantic_audio, allowed=event_allowed),  # builds world:audio first
 }

@@ -6,7 +6,7 @@ k-means over a Whisper encoder, AudioPaLM-style) and the transformers wrappers `
 (encode only), ``encodec``, ``mimi``, ``dac``.
 
 A saved codec directory holds ``codec.json`` (the settings), ``model.safetensors`` and the processor's
-files; :func:`load_codec` also takes ``world:<name>`` (``image_codec``, ``audio_codec``,
+files; :func:`load_codec` also takes ``world:<name>`` (``image_codec``, ``query_image_codec``, ``audio_codec``,
 ``semantic_audio``, built on first use) and transformers checkpoints (hub id or path).
 """
 

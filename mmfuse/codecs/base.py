@@ -17,6 +17,7 @@ class MediaCodec(nn.Module):
     codebook_size: int = 0  # codes per codebook
     num_codebooks: int = 1  # residual depth (1 for a single codebook)
     can_decode: bool = True  # False for encode-only codecs (transformers' ChameleonVQVAE has no decoder)
+    feature_dim: int = 0  # width of :meth:`features` (0: the codec gives no continuous features)
 
     def settings(self) -> dict:
         """JSON-able ``{"kind": ..., **arguments}`` that rebuilds this codec's architecture (no weights)."""
@@ -34,6 +35,12 @@ class MediaCodec(nn.Module):
     def encode(self, inputs: torch.Tensor) -> torch.Tensor:
         """Processed items ``(items, ...)`` -> codes ``(items, frames, num_codebooks)`` (long)."""
         raise NotImplementedError
+
+    def features(self, inputs: torch.Tensor) -> torch.Tensor:
+        """Processed items ``(items, ...)`` -> the continuous features the codes quantize
+        ``(items, frames, feature_dim)`` (LaVIT reads images through these, not through their codes)."""
+        raise NotImplementedError(f"the {type(self).__name__} gives no continuous features; LaVIT-style reading "
+                                  "(fusion.options.read: features) needs a codec that does, such as the image codec")
 
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
         """Codes ``(items, frames, num_codebooks)`` -> media (see the module docstring)."""

@@ -3,8 +3,9 @@
 The encoder halves the resolution ``log2(downsample)`` times (48 px -> 6x6 cells at the default 8),
 a vector_quantize_pytorch quantizer (``FSQ``, the default, or ``VectorQuantize`` with an EMA codebook
 and k-means init) turns each cell into one code, and a mirrored decoder upsamples the quantized cells
-back to pixels. Codes are the cells in raster order: ``(items, (H / downsample) * (W / downsample), 1)``.
-:func:`pretrain_image_codec` trains it on fresh world scenes and video frames.
+back to pixels. Codes are the cells in raster order: ``(items, (H / downsample) * (W / downsample), 1)``, or, with
+``num_queries`` (SEED's learned-query tokenizer), ``num_queries`` codes in a causal 1-D order
+(:class:`QueryBottleneck`). :func:`pretrain_image_codec` trains it on fresh world scenes and video frames.
 
 FSQ is the default because its codes are a product of per-dimension levels: trained on the same
 world images (held-out pairs excluded, objects repainted off-palette), the FSQ codec decodes held-out
@@ -59,6 +60,57 @@ class _ResBlock(nn.Module):
         return x + self.body(x)
 
 
+def resampling(out_side: int, in_side: int) -> torch.Tensor:
+    """``(out_side**2, in_side**2)`` weights that resample an ``in_side`` square grid (raster order) to an
+    ``out_side`` one bilinearly; each row sums to 1."""
+    grid = torch.eye(in_side * in_side).view(-1, 1, in_side, in_side)
+    weights = F.interpolate(grid, size=(out_side, out_side), mode="bilinear", align_corners=True).flatten(1).T
+    return weights / weights.sum(1, keepdim=True)
+
+
+class QueryBottleneck(nn.Module):
+    """SEED's causal Q-Former, small. ``num_queries`` learned queries read the encoder's cells
+    ``(B, cells, dim)`` through cross-attention and each other causally (query ``i`` sees queries
+    ``<= i``), so the code at ``i`` never depends on a later one: the left-to-right order an LLM
+    generates in (SEED: "causal dependency"), where raster-order grid codes have a 2-D one. The way
+    back: one learned query per cell reads the quantized queries ``(B, num_queries, dim)``.
+
+    Each query starts from a learned pooling of the cells (initialised to bilinear resampling of the
+    cell grid to a ``sqrt(num_queries)`` square grid) and each cell query from a learned unpooling of
+    the queries: from scratch, with neither, the two transformers sat at the mean image for hundreds of
+    steps (SEED starts from BLIP-2's pretrained Q-Former). SEED decodes through unCLIP Stable Diffusion
+    from the quantized embeddings; here the decoder is this transformer and the codec's conv decoder."""
+
+    def __init__(self, dim: int, side: int, num_queries: int, depth: int, num_heads: int):
+        super().__init__()
+        query_side = math.isqrt(max(num_queries, 0))
+        if num_queries < 1 or query_side**2 != num_queries or depth < 1 or dim % num_heads:
+            raise ValueError(f"image codec: num_queries must be a square number, query_depth >= 1 and latent_dim ({dim}) a "
+                             f"multiple of query_heads ({num_heads}); got {num_queries}, {depth}, {num_heads}")
+
+        def transformer() -> nn.TransformerDecoder:
+            layer = nn.TransformerDecoderLayer(dim, num_heads, 4 * dim, dropout=0.0, batch_first=True, norm_first=True)
+            return nn.TransformerDecoder(layer, depth, norm=nn.LayerNorm(dim))
+
+        self.pool = nn.Parameter(resampling(query_side, side))  # (queries, cells)
+        self.unpool = nn.Parameter(resampling(side, query_side))  # (cells, queries)
+        self.queries = nn.Parameter(torch.randn(num_queries, dim) * 0.02)
+        self.cell_positions = nn.Parameter(torch.randn(side * side, dim) * 0.02)
+        self.query_positions = nn.Parameter(torch.randn(num_queries, dim) * 0.02)
+        self.cell_queries = nn.Parameter(torch.randn(side * side, dim) * 0.02)
+        self.reader, self.writer = transformer(), transformer()
+        self.register_buffer("causal", nn.Transformer.generate_square_subsequent_mask(num_queries), persistent=False)
+
+    def encode(self, cells: torch.Tensor) -> torch.Tensor:
+        """Encoder cells ``(B, cells, dim)`` -> query latents ``(B, num_queries, dim)`` (before quantization)."""
+        queries = self.pool @ cells + self.queries
+        return self.reader(queries, cells + self.cell_positions, tgt_mask=self.causal, tgt_is_causal=True)
+
+    def decode(self, quantized: torch.Tensor) -> torch.Tensor:
+        """Quantized queries ``(B, num_queries, dim)`` -> cells ``(B, cells, dim)`` for the conv decoder."""
+        return self.writer(self.unpool @ quantized + self.cell_queries, quantized + self.query_positions)
+
+
 class ImageCodec(MediaCodec):
     """Conv encoder -> FSQ or VQ -> conv decoder over ``image_size`` RGB images.
 
@@ -83,6 +135,9 @@ class ImageCodec(MediaCodec):
         codebook_dim: int = 8,
         levels: tuple[int, ...] | list[int] = (8, 5, 5, 5),
         commitment_weight: float = 0.25,
+        num_queries: int = 0,
+        query_depth: int = 2,
+        query_heads: int = 4,
     ):
         super().__init__()
         halvings = round(math.log2(downsample)) if downsample >= 1 else -1
@@ -99,6 +154,7 @@ class ImageCodec(MediaCodec):
             "latent_dim": latent_dim, "quantizer": quantizer,
             **({"levels": list(levels)} if quantizer == "fsq" else
                {"codebook_size": codebook_size, "codebook_dim": codebook_dim, "commitment_weight": commitment_weight}),
+            **({"num_queries": num_queries, "query_depth": query_depth, "query_heads": query_heads} if num_queries else {}),
         }
         self.image_size, self.downsample = image_size, downsample
         stem = widths[0] // 2
@@ -111,6 +167,10 @@ class ImageCodec(MediaCodec):
         encoder += [_norm(widths[-1]), nn.SiLU(), nn.Conv2d(widths[-1], latent_dim, 1)]
         decoder += [_norm(stem), nn.SiLU(), nn.Conv2d(stem, 3, 3, padding=1)]
         self.encoder, self.decoder = nn.Sequential(*encoder), nn.Sequential(*decoder)
+        side = image_size // downsample
+        self.bottleneck = QueryBottleneck(latent_dim, side, num_queries, query_depth, query_heads) if num_queries else None
+        self.frames = num_queries or side * side
+        self.feature_dim = latent_dim
         if quantizer == "vq":
             self.quantizer = VectorQuantize(
                 dim=latent_dim, codebook_size=codebook_size, codebook_dim=codebook_dim, decay=0.95,
@@ -133,7 +193,7 @@ class ImageCodec(MediaCodec):
 
     def num_frames(self, item_shape: tuple[int, ...]) -> int:
         self._check_shape(item_shape)
-        return (self.image_size // self.downsample) ** 2
+        return self.frames
 
     def _check_shape(self, item_shape: tuple[int, ...]) -> None:
         expected = (3, self.image_size, self.image_size)
@@ -141,34 +201,46 @@ class ImageCodec(MediaCodec):
             raise ValueError(f"image codec: expected pixel_values items of shape {expected}, got {tuple(item_shape)}")
 
     def quantize(self, pixel_values: torch.Tensor, freeze: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Pixel values (B, 3, H, W) in [-1, 1] -> quantized cells (B, h*w, latent_dim), codes (B, h*w)
-        and the quantizer's auxiliary loss (a scalar; zero for FSQ). In training mode the VQ codebook
-        follows the batch (EMA, dead-code replacement) unless ``freeze``."""
-        self._check_shape(pixel_values.shape[1:])
-        latents = self.encoder(pixel_values).flatten(2).transpose(1, 2)
+        """Pixel values (B, 3, H, W) in [-1, 1] -> quantized latents (B, frames, latent_dim), codes
+        (B, frames) and the quantizer's auxiliary loss (a scalar; zero for FSQ); frames are the cells
+        or the bottleneck's queries. In training mode the VQ codebook follows the batch (EMA, dead-code
+        replacement) unless ``freeze``."""
+        latents = self.latents(pixel_values)
         if isinstance(self.quantizer, FSQ):
             quantized, codes = self.quantizer(latents)
             return quantized, codes.long(), latents.new_zeros(())
         quantized, codes, loss = self.quantizer(latents, freeze_codebook=freeze)
         return quantized, codes, loss.sum()
 
+    def latents(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Pixel values (B, 3, H, W) in [-1, 1] -> the quantizer's input (B, frames, latent_dim)."""
+        self._check_shape(pixel_values.shape[1:])
+        latents = self.encoder(pixel_values).flatten(2).transpose(1, 2)
+        return latents if self.bottleneck is None else self.bottleneck.encode(latents)
+
+    @torch.no_grad()
+    def features(self, inputs: torch.Tensor) -> torch.Tensor:
+        """Pixel values (items, 3, H, W) -> the latents before quantization (items, frames, latent_dim)."""
+        return self.latents(inputs)
+
     def reconstruct(self, quantized: torch.Tensor) -> torch.Tensor:
-        """Quantized cells (B, h*w, latent_dim) -> pixel values (B, 3, H, W) in the processor's [-1, 1] scale."""
+        """Quantized latents (B, frames, latent_dim) -> pixel values (B, 3, H, W) in the processor's [-1, 1] scale."""
         side = self.image_size // self.downsample
+        if self.bottleneck is not None:
+            quantized = self.bottleneck.decode(quantized)
         return self.decoder(quantized.transpose(1, 2).unflatten(2, (side, side)))
 
     @torch.no_grad()
     def encode(self, inputs: torch.Tensor) -> torch.Tensor:
-        """Pixel values (items, 3, H, W) from :meth:`processor` -> codes (items, (H/d) * (W/d), 1); never
+        """Pixel values (items, 3, H, W) from :meth:`processor` -> codes (items, frames, 1); never
         changes the codebook, whatever the module's mode."""
         return self.quantize(inputs, freeze=True)[1].unsqueeze(-1)
 
     @torch.no_grad()
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
-        """Codes (items, (H/d) * (W/d), 1) -> images (items, 3, H, W) in [0, 1]."""
-        frames = (self.image_size // self.downsample) ** 2
-        if codes.dim() != 3 or codes.shape[1:] != (frames, 1):
-            raise ValueError(f"image codec: expected codes of shape (items, {frames}, 1), got {tuple(codes.shape)}")
+        """Codes (items, frames, 1) -> images (items, 3, H, W) in [0, 1]."""
+        if codes.dim() != 3 or codes.shape[1:] != (self.frames, 1):
+            raise ValueError(f"image codec: expected codes of shape (items, {self.frames}, 1), got {tuple(codes.shape)}")
         if isinstance(self.quantizer, FSQ):
             quantized = self.quantizer.indices_to_codes(codes[..., 0])
         else:

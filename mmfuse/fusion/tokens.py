@@ -6,6 +6,11 @@ The vocabulary is extended at the id level (no added strings): after the LLM's `
 rows come, per modality, a begin and an end token and ``codebook_size * num_codebooks`` code rows.
 Multi-codebook (residual) codes are flattened frame-major with one id range per codebook (AnyGPT's
 ``code + codebook_size * layer``). One media item is laid out as ``<boi> code ... code <eoi>``.
+
+``read: features`` is LaVIT's released code: a media item the model only reads (outside the loss: a
+prompt's image) enters as the codec's continuous features before quantization, through a linear
+projection (LaVIT's ``vit_proj``), while an item the model writes (inside the loss, or generated)
+stays code ids, the generation targets.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from .layers import attention_heads, attention_module, decoder_layers
 
 INITIALISATIONS = ("mean", "random")
 LOSSES = ("all", "text")
+READS = ("codes", "features")
 
 
 @dataclass(frozen=True)
@@ -102,14 +108,19 @@ class TokenFusion(FusionStrategy):
     (transformers' mean resizing: drawn around the text rows' mean with their covariance) or "random"
     (the LLM's initializer); ``qk_norm`` (Chameleon: LayerNorm on queries and keys per head; it changes
     the LLM's function, so it is for training from scratch); ``generation_seconds``: the length of an
-    audio item the model generates. ``text_vocab_size`` and ``codebooks`` are filled in by the model from
+    audio item the model generates; ``read``: "codes" (every item is read as its code ids) or
+    "features" (LaVIT; see the module docstring). ``text_vocab_size``, ``codebooks`` and, when reading
+    features, ``feature_dims`` (modality -> the codec's feature width) are filled in by the model from
     the LLM and the codecs."""
 
     survey_type = "D"
 
     def __init__(self, text_vocab_size: int, codebooks: dict[str, list[int]], loss: str = "all", init: str = "mean",
-                 qk_norm: bool = False, generation_seconds: float = 2.0):
+                 qk_norm: bool = False, generation_seconds: float = 2.0, read: str = "codes",
+                 feature_dims: dict[str, int] | None = None):
         super().__init__()
+        if read not in READS:
+            raise ValueError(f"fusion.options.read must be one of {READS}, got {read!r}")
         if loss not in LOSSES:
             raise ValueError(f"fusion.options.loss must be one of {LOSSES}, got {loss!r}")
         if init not in INITIALISATIONS:
@@ -122,6 +133,9 @@ class TokenFusion(FusionStrategy):
         self.qk_norm = qk_norm
         self.generation_seconds = generation_seconds
         self.qk_norms = nn.ModuleList()
+        self.reads_features = read == "features"
+        self.feature_dims = dict(feature_dims or {})
+        self.read_projections = nn.ModuleDict()
 
     @property
     def vocab_size(self) -> int:
@@ -148,6 +162,13 @@ class TokenFusion(FusionStrategy):
         elif rows != self.vocab_size:
             raise ValueError(f"the LLM has {rows} embedding rows; Type-D fusion expects {self.text_vocab_size} "
                              f"(text) or {self.vocab_size} (text + media codes)")
+        if self.reads_features:
+            for modality, vocab in self.vocabularies.items():
+                if vocab.num_codebooks != 1 or not self.feature_dims.get(modality):
+                    raise ValueError(f"fusion.options.read 'features' needs single-codebook codecs with continuous features; "
+                                     f"the {modality} codec has {vocab.num_codebooks} codebooks and feature width "
+                                     f"{self.feature_dims.get(modality, 0)}")
+                self.read_projections[modality] = nn.Linear(self.feature_dims[modality], llm.get_input_embeddings().embedding_dim)
         if self.qk_norm:
             heads = attention_heads(llm)
             for layer in decoder_layers(llm):
@@ -177,9 +198,25 @@ class TokenFusion(FusionStrategy):
                 input_ids = input_ids.masked_scatter(mask, ids.to(input_ids.dtype))
         return input_ids
 
-    def llm_inputs(self, llm, input_ids, media):
-        """-> ``{"input_ids": (B, L)}``: the LLM reads the codes through its (extended) embedding table."""
-        return {"input_ids": self.media_ids(input_ids, media)}
+    def llm_inputs(self, llm, input_ids, media, features=None, written=None):
+        """-> ``{"input_ids": (B, L)}``: the LLM reads the codes through its (extended) embedding table.
+
+        Reading features (LaVIT) it also gives ``"inputs_embeds" (B, L, d)``, what the LLM reads, where
+        the positions of the items not ``written`` (a ``(B, L)`` bool mask; None: every item is read)
+        hold ``features`` (modality -> ``(items, frames, feature_dim)``, items in marker order) projected;
+        the ids stay for the labels and for constrained decoding."""
+        ids = self.media_ids(input_ids, media)
+        if not self.reads_features:
+            return {"input_ids": ids}
+        embeds = llm.get_input_embeddings()(ids)
+        for modality, projection in self.read_projections.items():
+            positions = input_ids == PLACEHOLDER_IDS[modality]
+            if modality not in (features or {}) or not positions.any():
+                continue
+            read = positions if written is None else positions & ~written
+            projected = projection(features[modality].to(projection.weight.dtype)).flatten(0, 1)  # one row per position
+            embeds = embeds.masked_scatter(read.unsqueeze(-1), projected[read[positions]].to(embeds.dtype))
+        return {"input_ids": ids, "inputs_embeds": embeds}
 
     def labels(self, labels: torch.Tensor, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         """Labels with the placeholder positions the processor labelled set to the codes read there."""
