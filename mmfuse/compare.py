@@ -92,7 +92,8 @@ def budget_stages(recipe: Recipe, budget: int) -> Recipe:
 def eval_tasks(modalities: list[str], settings: CompareSettings, generates: tuple[str, ...] = ("text",),
                retrieval: bool = True) -> list[dict[str, Any]]:
     """The tasks each recipe is scored on, for the modalities its model reads and the media it
-    ``generates`` (Type-D: ``<m>_generation``); ``retrieval`` few-shot needs an encoder to embed with."""
+    ``generates`` (Type-D: ``<m>_generation``); ``retrieval`` few-shot needs media the model can embed
+    (an encoder, or a codec with continuous features)."""
     tasks = []
     for m in modalities:
         tasks += [
@@ -187,7 +188,7 @@ def run_recipe(job: Job, log: Callable[[str], None] = print) -> dict[str, Any]:
     )
 
     metrics = {}
-    for spec in eval_tasks(modalities, settings, model.fusion.output_modalities, retrieval=not recipe.model.codecs):
+    for spec in eval_tasks(modalities, settings, model.fusion.output_modalities, retrieval=all(model.can_embed(m) for m in modalities)):
         key = task_key(spec)
         log(f"scoring {key}")
         result = evaluate_task(adapter, data, spec["task"], spec["split"], limit=spec.get("limit", settings.eval_limit),

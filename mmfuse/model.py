@@ -252,6 +252,21 @@ class MultimodalLM(nn.Module):
             out[modality] = self._connect(modality, inputs, features)
         return out
 
+    def can_embed(self, modality: str) -> bool:
+        """Whether :meth:`embed_media` works for ``modality`` (an encoder, or a codec with features)."""
+        return modality in self.encoders or (modality in self.codecs and self.codecs[modality].feature_dim > 0)
+
+    @torch.no_grad()
+    def embed_media(self, modality: str, inputs: torch.Tensor) -> torch.Tensor:
+        """Processed items ``(n, ...)`` -> ``(n, d)``: the mean over positions of the modality's encoder
+        features, or (Type-D) of its codec's continuous features; what retrieval compares."""
+        if modality in self.codecs:
+            codec = self.codecs[modality]
+            return codec.features(inputs.to(next(codec.parameters()).dtype)).float().mean(dim=1)
+        if modality not in self.encoders:
+            raise ValueError(f"embed: the model has no {modality} encoder or codec; it has {sorted([*self.encoders, *self.codecs])}")
+        return self.encoders[modality](inputs.to(self._encoder_dtype(modality))).float().mean(dim=1)
+
     def llm_inputs(self, input_ids: torch.Tensor, media: dict[str, torch.Tensor] | None,
                    labels: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """The fusion's keyword arguments for the LLM. A fusion that reads codec features (LaVIT) also

@@ -191,6 +191,9 @@ def test_lavit_reads_prompt_images_as_features_and_writes_images_as_codes(tokeni
     with torch.no_grad():  # and the LLM reads the embeddings, not the ids
         torch.testing.assert_close(model(**batch).logits, model.llm(inputs_embeds=inputs["inputs_embeds"],
                                                                     attention_mask=batch["attention_mask"]).logits)
+    # retrieval compares the same features, averaged (CM3Leon's few-shot retrieval for a tokenized model)
+    assert model.can_embed("image") and not model.can_embed("audio")
+    torch.testing.assert_close(model.embed_media("image", batch["media"]["image"]), codec.features(batch["media"]["image"]).mean(1))
     # without labels (generation) every item is read as features
     unlabelled = model.llm_inputs(batch["input_ids"], batch["media"])["inputs_embeds"][0]
     assert torch.allclose(unlabelled[written], features[1])

@@ -10,6 +10,7 @@ closed by ``<|endofchunk|>``.
 from __future__ import annotations
 
 import re
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -89,3 +90,16 @@ class Sample:
         """Return a copy whose relative media paths are resolved against ``root``."""
         media = {m: [root / p if isinstance(p, (str, Path)) else p for p in items] for m, items in self.media.items()}
         return Sample(self.id, list(self.messages), media, dict(self.meta))
+
+
+def media_in_order(samples: list[Sample]) -> dict[str, list]:
+    """Per modality, the samples' media items one sample after another (their markers' order)."""
+    modalities = {m for s in samples for m in s.media}
+    return {m: [item for s in samples for item in s.media.get(m, [])] for m in modalities}
+
+
+def with_earlier(sample: Sample, earlier: list[Sample], sample_id: str) -> Sample:
+    """``sample`` (renamed ``sample_id``) with each of ``earlier``'s conversations, and media in marker
+    order, placed before its own: few-shot prompts, CM3Leon's retrieved documents."""
+    messages = [m for other in earlier for m in other.messages] + sample.messages
+    return dataclasses.replace(sample, id=sample_id, messages=messages, media=media_in_order([*earlier, sample]))

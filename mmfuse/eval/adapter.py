@@ -20,6 +20,7 @@ from ..data.schema import Message, Sample
 from ..model import MultimodalLM
 from ..modes import training_mode
 from .metrics import perplexity
+from .retrieval import embed_items
 
 
 class EvalAdapter:
@@ -95,17 +96,9 @@ class EvalAdapter:
 
     @torch.no_grad()
     def embed(self, modality: str, items: list) -> torch.Tensor:
-        """``(len(items), d)`` mean-pooled encoder features of media files or arrays (for retrieval)."""
-        if modality not in self.model.encoders:
-            raise ValueError(f"embed: the model has no {modality} encoder; it has {sorted(self.model.encoders)}")
-        process = self.model.media_processors[modality]
-        out = []
+        """``(len(items), d)`` :meth:`~mmfuse.model.MultimodalLM.embed_media` of media files or arrays (for retrieval)."""
         with training_mode(self.model, False):
-            for start in range(0, len(items), self.batch_size):
-                chunk = items[start : start + self.batch_size]
-                inputs = torch.stack([process(item, f"item {start + i}", 0) for i, item in enumerate(chunk)]).to(self.device)
-                out.append(self.model.encoders[modality](inputs).float().mean(dim=1).cpu())
-        return torch.cat(out)
+            return embed_items(self.model, modality, items, self.batch_size, self.device)
 
     def text_perplexity(self, texts: list[str]) -> float:
         """Perplexity of the fused model on plain text (no template, no media): what fusion did to the

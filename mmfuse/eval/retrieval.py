@@ -27,6 +27,19 @@ def _as_unit_rows(x, name: str) -> torch.Tensor:
     return F.normalize(t, dim=1)
 
 
+@torch.no_grad()
+def embed_items(model, modality: str, items: list, batch_size: int = 32, device: torch.device | str = "cpu") -> torch.Tensor:
+    """``(len(items), d)`` retrieval embeddings (``model.embed_media``) of media files or arrays, each run
+    through the model's media processor; errors name the item's index."""
+    process = model.media_processors[modality]
+    out = []
+    for start in range(0, len(items), batch_size):
+        chunk = items[start : start + batch_size]
+        inputs = torch.stack([process(item, f"item {start + i}", 0) for i, item in enumerate(chunk)]).to(device)
+        out.append(model.embed_media(modality, inputs).cpu())
+    return torch.cat(out)
+
+
 class NearestNeighbours:
     """Cosine-similarity index over ``embeddings`` (N, D); faiss ``IndexFlatIP`` or exact torch top-k.
 

@@ -18,7 +18,6 @@ neighbours of the question's first media item in the encoder's embedding space.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import random
 from collections import defaultdict
@@ -28,7 +27,7 @@ from pathlib import Path
 import torch
 
 from ..data.formats import CAPTION_PROMPT, load_samples, resolve_dataset
-from ..data.schema import END_OF_CHUNK, MARKER_RE, Message, Sample
+from ..data.schema import END_OF_CHUNK, MARKER_RE, Message, Sample, media_in_order, with_earlier
 from .adapter import EvalAdapter
 from .metrics import bleu4, cider_d, exact_match, vqa_accuracy
 from .retrieval import NearestNeighbours, choose_shots
@@ -192,7 +191,7 @@ def few_shot(
     else:
         index = NearestNeighbours(embed_samples(adapter, pool))
         chosen = choose_shots(len(pool), shots, rng=rng, query_embeddings=embed_samples(adapter, samples), index=index)
-    combine = _prepend if shot_format == "turns" else _as_document
+    combine = _as_turns if shot_format == "turns" else _as_document
     return [combine(sample, [pool[j] for j in picks]) for sample, picks in zip(samples, chosen)]
 
 
@@ -203,10 +202,8 @@ def _first_modality(sample: Sample) -> str:
     raise ValueError(f"sample {sample.id!r}: retrieval needs media to embed, and it has none")
 
 
-def _prepend(sample: Sample, shots: list[Sample]) -> Sample:
-    """``sample`` with each shot's conversation (and media, in marker order) placed before it."""
-    messages = [m for shot in shots for m in shot.messages] + sample.messages
-    return dataclasses.replace(sample, id=f"{sample.id}+{len(shots)}shot", messages=messages, media=_media_in_order([*shots, sample]))
+def _as_turns(sample: Sample, shots: list[Sample]) -> Sample:
+    return with_earlier(sample, shots, f"{sample.id}+{len(shots)}shot")
 
 
 def _as_document(sample: Sample, shots: list[Sample]) -> Sample:
@@ -225,13 +222,7 @@ def _as_document(sample: Sample, shots: list[Sample]) -> Sample:
     text = "".join(f"{m}{q + ' ' if q else ''}{a}{END_OF_CHUNK}" for m, q, a in chunks[:-1])
     text += chunks[-1][0] + chunks[-1][1]
     meta = {**sample.meta, "answer": chunks[-1][2]}
-    return Sample(f"{sample.id}+{len(shots)}shot", [Message("document", text)], _media_in_order([*shots, sample]), meta)
-
-
-def _media_in_order(samples: list[Sample]) -> dict[str, list]:
-    """Per modality, the samples' media items one sample after another (their markers' order)."""
-    modalities = {m for s in samples for m in s.media}
-    return {m: [item for s in samples for item in s.media.get(m, [])] for m in modalities}
+    return Sample(f"{sample.id}+{len(shots)}shot", [Message("document", text)], media_in_order([*shots, sample]), meta)
 
 
 def embed_samples(adapter: EvalAdapter, samples: list[Sample]) -> torch.Tensor:

@@ -36,6 +36,9 @@ class StageConfig(JsonConfig):
     accelerate's: "bf16" works on CPU and GPU, "fp16" needs a GPU.
     ``kinds``: when not empty, the stage reads only the samples of its ``data`` whose ``meta["kind"]``
     is listed (e.g. a curriculum stage on some question kinds); in-memory datasets only.
+    ``retrieved`` > 0 (CM3Leon): each sample whose prompt shows a media item is preceded, as earlier
+    turns, by that many of its dataset's samples nearest to it (:mod:`mmfuse.train.retrieval`);
+    in-memory datasets only.
     A LoRA stage merges its adapters into the base weights when it ends.
     """
 
@@ -48,6 +51,7 @@ class StageConfig(JsonConfig):
     lora_target_modules: list[str] | str = "all-linear"
     data: list[str] = field(default_factory=list)
     kinds: list[str] = field(default_factory=list)
+    retrieved: int = 0
     steps: int
     lr: float
     weight_decay: float = 0.0
@@ -79,6 +83,8 @@ class StageConfig(JsonConfig):
         for key in ("steps", "batch_size", "grad_accum", "lora_r"):
             if getattr(self, key) < 1:
                 raise ValueError(f"{where}: {key} must be >= 1, got {getattr(self, key)}")
+        if self.retrieved < 0:
+            raise ValueError(f"{where}: retrieved must be >= 0, got {self.retrieved}")
         if self.lr < 0:
             raise ValueError(f"{where}: lr must be >= 0, got {self.lr}")
         bad_scale = {k: v for k, v in self.lr_scale.items() if not isinstance(v, (int, float)) or v < 0}

@@ -66,6 +66,7 @@ from mmfuse.train.checkpoint import (
 )
 from mmfuse.data.badsamples import BadSampleLog
 from mmfuse.data.dataset import kind_subset
+from mmfuse.train.retrieval import retrieval_augmented
 from mmfuse.data.processor import IGNORE_INDEX
 from mmfuse.safe_loading import require_safetensors
 from mmfuse.train.config import StageConfig, TrainConfig
@@ -351,6 +352,11 @@ class Trainer:
             if streams:
                 raise ValueError(f"stage {stage.name!r}: 'kinds' picks samples from in-memory datasets; {stage.data} is streamed")
             parts = [kind_subset(d, stage.kinds, f"stage {stage.name!r}, data {name!r}") for name, d in zip(stage.data, parts)]
+        if stage.retrieved:
+            if streams:
+                raise ValueError(f"stage {stage.name!r}: 'retrieved' searches in-memory datasets; {stage.data} is streamed")
+            parts = [retrieval_augmented(d, self.model, stage.retrieved, f"stage {stage.name!r}, data {name!r}")
+                     for name, d in zip(stage.data, parts)]
         if streams:
             if len(parts) > 1:
                 raise ValueError(f"stage {stage.name!r}: a streamed dataset must be the stage's only data, got {stage.data}")
