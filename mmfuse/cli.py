@@ -29,9 +29,17 @@ def data_synth(
     out: Path = typer.Option(..., help="Directory to write the world into."),
     seed: int = typer.Option(0, help="Seed; the same seed writes identical files."),
     tiny: bool = typer.Option(False, help="A few items per split (for smoke tests)."),
+    sizes: Optional[Path] = typer.Option(None, help="JSON of item counts per split (WorldSizes fields, e.g. "
+                                         '{"videos": {"train": 3000, "val": 50, "test": 200, "heldout": 100}}); '
+                                         "fields left out keep their defaults, and every split draws its own seeded "
+                                         "stream, so a split's items do not depend on another's size."),
 ):
     """Write the built-in synthetic world (LLaVA-style JSON + PNG/WAV/GIF files)."""
     from .data.synth.world import WorldSizes, write_world
+
+    if tiny and sizes is not None:
+        raise typer.BadParameter("give --tiny or --sizes, not both")
+    chosen = WorldSizes.tiny() if tiny else WorldSizes.load(sizes) if sizes is not None else None
 
     start = time.time()
     with _progress() as bar:
@@ -40,7 +48,7 @@ def data_synth(
         def report(done, total, description=""):
             bar.update(task, completed=done, total=total, description=description or "writing the world")
 
-        write_world(out, seed=seed, sizes=WorldSizes.tiny() if tiny else None, progress=report)
+        write_world(out, seed=seed, sizes=chosen, progress=report)
     console.print(f"wrote {out} in {time.time() - start:.1f} s")
 
 

@@ -154,3 +154,23 @@ def test_heldout_sampling_and_size_validation():
         heldout.sample_heldout(lambda r: scenes.sample_scene(r, allowed=heldout.shape_allowed), heldout.scene_is_heldout, rng)
     with pytest.raises(ValueError, match="text.heldout"):
         WorldSizes(text=SplitSizes(1, 1, 1, 1))
+
+
+def test_synth_cli_takes_sizes_and_other_splits_keep_their_items(world, tmp_path):
+    from typer.testing import CliRunner
+
+    from mmfuse.cli import app
+
+    root, _ = world
+    sizes = WorldSizes.tiny().to_dict()
+    sizes["videos"]["train"] = 7  # more training videos; everything else as the tiny world
+    (tmp_path / "sizes.json").write_text(json.dumps(sizes))
+    runner = CliRunner()
+    result = runner.invoke(app, ["data", "synth", "--out", str(tmp_path / "w"), "--sizes", str(tmp_path / "sizes.json")])
+    assert result.exit_code == 0, result.output
+    videos = json.loads((tmp_path / "w" / "video_caption_train.json").read_text())
+    assert len(videos) == 7
+    for name in ("video_qa_test.json", "image_qa_train.json"):  # other splits and modalities: the same items
+        assert (tmp_path / "w" / name).read_bytes() == (root / name).read_bytes()
+    both = runner.invoke(app, ["data", "synth", "--out", str(tmp_path / "x"), "--tiny", "--sizes", str(tmp_path / "sizes.json")])
+    assert both.exit_code != 0 and "not both" in both.output
