@@ -87,5 +87,10 @@ def test_a_retrieved_stage_trains_on_augmented_samples(tokenizer_dir, tmp_path):
     Trainer(model, TrainConfig(stages=[stage], output_dir=str(tmp_path / "run")), {"x": ProcessedDataset(data, model.processor)},
             recording, progress=False).train()
     assert sorted(seen) == sorted(([f"{s}+1retrieved" for s in ("a1", "a2", "b", "c", "d")] + ["draw", "text"]) * 2)
+    drawings = ProcessedDataset([samples()[5]] * 7, model.processor)  # text-to-image only: nothing to retrieve by
+    assert retrieval_augmented(drawings, model, 1, "stage 'r'") is drawings
+    stage = StageConfig(name="r", train=["llm"], data=["x"], retrieved=1, steps=1, lr=1e-3, batch_size=7)
+    with pytest.raises(ValueError, match=r"stage 'r': 'retrieved' found no sample in \['x'\] whose prompt shows a media item"):
+        Trainer(model, TrainConfig(stages=[stage], output_dir=str(tmp_path / "none")), {"x": drawings}, recording, progress=False).train()
     with pytest.raises(ValueError, match="retrieved must be >= 0"):
         StageConfig(name="r", train=["llm"], data=["x"], retrieved=-1, steps=1, lr=1e-3)

@@ -46,14 +46,15 @@ def _identity(item) -> object:
     return str(item) if isinstance(item, (str, bytes)) or hasattr(item, "__fspath__") else id(item)
 
 
-def retrieval_augmented(dataset: Dataset, model, k: int, where: str, batch_size: int = 64) -> ProcessedDataset:
+def retrieval_augmented(dataset: Dataset, model, k: int, where: str, batch_size: int = 64) -> Dataset:
     """``dataset`` with each keyed sample preceded by its ``k`` nearest keyed samples (nearest last, next
-    to the sample), the rest unchanged; ValueError when fewer than ``k`` neighbours qualify."""
+    to the sample), the rest unchanged; ``dataset`` itself when no sample is keyed (text-to-image
+    data); ValueError when fewer than ``k`` neighbours qualify."""
     samples, processor = _samples(dataset, where)
     keyed = [i for i, s in enumerate(samples) if prompt_key(s) is not None]
-    modalities = {prompt_key(samples[i])[0] for i in keyed}
     if not keyed:
-        raise ValueError(f"{where}: 'retrieved' found no sample whose prompt shows a media item to retrieve by")
+        return dataset
+    modalities = {prompt_key(samples[i])[0] for i in keyed}
     if len(modalities) > 1:
         raise ValueError(f"{where}: 'retrieved' compares one modality, but the prompts show {sorted(modalities)}")
     modality = modalities.pop()

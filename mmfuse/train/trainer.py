@@ -355,8 +355,12 @@ class Trainer:
         if stage.retrieved:
             if streams:
                 raise ValueError(f"stage {stage.name!r}: 'retrieved' searches in-memory datasets; {stage.data} is streamed")
-            parts = [retrieval_augmented(d, self.model, stage.retrieved, f"stage {stage.name!r}, data {name!r}")
-                     for name, d in zip(stage.data, parts)]
+            augmented = [retrieval_augmented(d, self.model, stage.retrieved, f"stage {stage.name!r}, data {name!r}")
+                         for name, d in zip(stage.data, parts)]
+            if all(a is d for a, d in zip(augmented, parts)):
+                raise ValueError(f"stage {stage.name!r}: 'retrieved' found no sample in {stage.data} whose prompt shows a "
+                                 "media item to retrieve by")
+            parts = augmented
         if streams:
             if len(parts) > 1:
                 raise ValueError(f"stage {stage.name!r}: a streamed dataset must be the stage's only data, got {stage.data}")
