@@ -227,6 +227,9 @@ class MultimodalLM(nn.Module):
             return torch.long
         return next(self.encoders[modality].parameters()).dtype
 
+    def _codec_dtype(self, modality: str) -> torch.dtype:
+        return next(self.codecs[modality].parameters()).dtype
+
     def _connect(self, modality: str, inputs: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
         """Run the connector; video inputs ``(n, frames, 3, H, W)`` tell it their number of frames."""
         if modality == "video":
@@ -241,7 +244,7 @@ class MultimodalLM(nn.Module):
         for modality, inputs in media.items():
             if modality in self.codecs:
                 with torch.no_grad():
-                    out[modality] = self.codecs[modality].encode(inputs.to(next(self.codecs[modality].parameters()).dtype))
+                    out[modality] = self.codecs[modality].encode(inputs.to(self._codec_dtype(modality)))
                 continue
             if modality not in self.encoders:
                 raise ValueError(f"batch has {modality} media but the model has no {modality} encoder")
@@ -261,8 +264,7 @@ class MultimodalLM(nn.Module):
         """Processed items ``(n, ...)`` -> ``(n, d)``: the mean over positions of the modality's encoder
         features, or (Type-D) of its codec's continuous features; what retrieval compares."""
         if modality in self.codecs:
-            codec = self.codecs[modality]
-            return codec.features(inputs.to(next(codec.parameters()).dtype)).float().mean(dim=1)
+            return self.codecs[modality].features(inputs.to(self._codec_dtype(modality))).float().mean(dim=1)
         if modality not in self.encoders:
             raise ValueError(f"embed: the model has no {modality} encoder or codec; it has {sorted([*self.encoders, *self.codecs])}")
         return self.encoders[modality](inputs.to(self._encoder_dtype(modality))).float().mean(dim=1)
@@ -274,7 +276,7 @@ class MultimodalLM(nn.Module):
         media = media or {}
         if not self.fusion.reads_features:
             return self.fusion.llm_inputs(self.llm, input_ids, self.encode_media(media))
-        features = {m: self.codecs[m].features(t.to(next(self.codecs[m].parameters()).dtype)) for m, t in media.items() if m in self.codecs}
+        features = {m: self.codecs[m].features(t.to(self._codec_dtype(m))) for m, t in media.items() if m in self.codecs}
         written = None if labels is None else labels != IGNORE_INDEX
         return self.fusion.llm_inputs(self.llm, input_ids, self.encode_media(media), features=features, written=written)
 

@@ -48,7 +48,7 @@ def samples():
 
 def test_prompt_key_is_the_first_media_item_of_a_user_turn():
     first, *_, draw, text = samples()
-    assert prompt_key(first) == ("image", 0)
+    assert prompt_key(first) == "image"
     assert prompt_key(draw) is None and prompt_key(text) is None  # an answer's image, no image
 
 

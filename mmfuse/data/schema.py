@@ -9,8 +9,8 @@ closed by ``<|endofchunk|>``.
 
 from __future__ import annotations
 
-import re
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any

@@ -22,13 +22,12 @@ from ..modes import training_mode
 CANDIDATES = 32  # neighbours searched per sample before those sharing its media item are dropped
 
 
-def prompt_key(sample: Sample) -> tuple[str, int] | None:
-    """``(modality, 0)`` when the sample's first media marker is in a user turn; else None."""
+def prompt_key(sample: Sample) -> str | None:
+    """The modality of the sample's first media marker when that marker is in a user turn; else None."""
     for message in sample.messages:
         found = MARKER_RE.search(message.content)
         if found:
-            modality = next(m for m, marker in MARKERS.items() if marker == found.group())
-            return (modality, 0) if message.role == "user" else None
+            return next(m for m, marker in MARKERS.items() if marker == found.group()) if message.role == "user" else None
     return None
 
 
@@ -51,21 +50,22 @@ def retrieval_augmented(dataset: Dataset, model, k: int, where: str, batch_size:
     to the sample), the rest unchanged; ``dataset`` itself when no sample is keyed (text-to-image
     data); ValueError when fewer than ``k`` neighbours qualify."""
     samples, processor = _samples(dataset, where)
-    keyed = [i for i, s in enumerate(samples) if prompt_key(s) is not None]
-    if not keyed:
+    keys = {i: key for i, key in enumerate(map(prompt_key, samples)) if key is not None}
+    if not keys:
         return dataset
-    modalities = {prompt_key(samples[i])[0] for i in keyed}
+    keyed, modalities = list(keys), set(keys.values())
     if len(modalities) > 1:
         raise ValueError(f"{where}: 'retrieved' compares one modality, but the prompts show {sorted(modalities)}")
     modality = modalities.pop()
     items = [samples[i].media[modality][0] for i in keyed]
     identities = [_identity(item) for item in items]
-    unique = list(dict.fromkeys(identities))
-    first = {key: identities.index(key) for key in unique}
+    first: dict[object, int] = {}  # each distinct media item -> its first position, embedded once
+    for position, key in enumerate(identities):
+        first.setdefault(key, position)
     device = next(model.parameters()).device
     with training_mode(model, False):
-        vectors = embed_items(model, modality, [items[first[key]] for key in unique], batch_size, device)
-    row = {key: n for n, key in enumerate(unique)}
+        vectors = embed_items(model, modality, [items[n] for n in first.values()], batch_size, device)
+    row = {key: n for n, key in enumerate(first)}
     embeddings = vectors[torch.tensor([row[key] for key in identities])]
     index = NearestNeighbours(embeddings)
     _, candidates = index.search(embeddings, min(len(keyed), k + CANDIDATES))

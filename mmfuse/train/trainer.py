@@ -66,11 +66,11 @@ from mmfuse.train.checkpoint import (
 )
 from mmfuse.data.badsamples import BadSampleLog
 from mmfuse.data.dataset import kind_subset
-from mmfuse.train.retrieval import retrieval_augmented
 from mmfuse.data.processor import IGNORE_INDEX
 from mmfuse.safe_loading import require_safetensors
 from mmfuse.train.config import StageConfig, TrainConfig
 from mmfuse.train.lora import lora_parameters, merge_lora
+from mmfuse.train.retrieval import retrieval_augmented
 from mmfuse.train.sharding import (
     full_tensor,
     fsdp_requested,
