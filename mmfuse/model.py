@@ -40,6 +40,7 @@ from .data.processor import IGNORE_INDEX, Processor
 from .data.schema import MARKERS, Sample
 from .fusion import build_fusion
 from .fusion.constraints import MediaSpans, split_media_spans
+from .fusion.tokens import shared_code_start
 from .safe_loading import require_safetensors
 
 CONFIG_NAME = "config.json"
@@ -59,7 +60,7 @@ class MultimodalLM(nn.Module):
         self.codecs = nn.ModuleDict(codecs or {})
         llm_dim = llm.get_input_embeddings().embedding_dim
         if config.fusion.type == "D":
-            self._resolve_vocabulary(config.fusion.options, llm)
+            self._resolve_vocabulary(config.fusion.options, llm, tokenizer)
         self.fusion = build_fusion(config.fusion)
         widths = {m: self.fusion.connector_width(enc.hidden_size, llm_dim) for m, enc in encoders.items()}
         self.connectors = nn.ModuleDict({m: Connector(config.connectors[m], enc.hidden_size, widths[m],
@@ -82,15 +83,27 @@ class MultimodalLM(nn.Module):
             task_prefixes=config.task_prefixes,
         )
 
-    def _resolve_vocabulary(self, options: dict, llm) -> None:
+    def _resolve_vocabulary(self, options: dict, llm, tokenizer) -> None:
         """Type-D: record the LLM's text rows and each codec's codebooks (and feature widths, when the
-        fusion reads features) in the fusion options (once, so a saved model rebuilds the same id layout
-        and projections); a saved layout that disagrees with the codecs raises."""
+        fusion reads features; and the first code id, when the codes share the text vocabulary) in the
+        fusion options (once, so a saved model rebuilds the same id layout and projections); a saved
+        layout that disagrees with the codecs raises."""
         options.setdefault("text_vocab_size", llm.get_input_embeddings().num_embeddings)
         codebooks = {m: [codec.codebook_size, codec.num_codebooks] for m, codec in self.codecs.items()}
         saved = options.setdefault("codebooks", codebooks)
         if {m: list(v) for m, v in saved.items()} != codebooks:
             raise ValueError(f"fusion.options.codebooks {saved} do not match the codecs' {codebooks}")
+        if options.get("vocabulary") == "shared" and self.codecs:
+            declared = {m: c.text_ids_start for m, c in self.codecs.items() if c.text_ids_start is not None}
+            if len(set(declared.values())) > 1:
+                raise ValueError(f"vocabulary 'shared': the codecs were trained against different text ids {declared}")
+            codes = max(size * depth for size, depth in codebooks.values())
+            start = next(iter(declared.values()), None)
+            if start is None:
+                start = shared_code_start(options["text_vocab_size"], tokenizer.all_special_ids, codes)
+            if options.setdefault("code_start", start) != start:
+                raise ValueError(f"fusion.options.code_start {options['code_start']} differs from {start}, where the codecs' "
+                                 f"codes {'were trained as' if declared else 'fit as'} text ids")
         if options.get("read") == "features":
             dims = {m: codec.feature_dim for m, codec in self.codecs.items()}
             if options.setdefault("feature_dims", dims) != dims:

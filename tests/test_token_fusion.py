@@ -14,7 +14,8 @@ from mmfuse.data.processor import IGNORE_INDEX
 from mmfuse.data.schema import Message, Sample
 from mmfuse.fusion.constraints import MediaSpans, split_media_spans
 from mmfuse.fusion.embedding import PLACEHOLDER_IDS
-from mmfuse.fusion.tokens import ModalityVocabulary, TokenFusion
+from mmfuse.codecs.image import ImageCodec
+from mmfuse.fusion.tokens import ModalityVocabulary, TokenFusion, shared_code_start
 from mmfuse.model import MultimodalLM
 from mmfuse.train.config import StageConfig
 from mmfuse.train.stage import apply_stage, optimizer_groups
@@ -359,3 +360,62 @@ def test_generation_task_end_to_end_draws_one_complete_image_per_prompt(tokenize
     monkeypatch.setattr("mmfuse.eval.tasks.resolve_dataset", lambda data, task, split: "unused")
     result = evaluate_task(EvalAdapter(model), "unused", "image_generation")
     assert result["complete"] == 1.0 and result["accuracy"] == 1.0  # the probe says red circle, as asked
+
+
+def test_shared_code_start_is_the_highest_block_without_special_ids():
+    assert shared_code_start(610, [0, 1, 2, 3, 4, 5, 6], 512) == 98
+    assert shared_code_start(100, [0, 50, 99], 48) == 51  # below the top special, above the middle one
+    assert shared_code_start(100, [0, 50, 99], 49) == 1  # only below the middle one
+    with pytest.raises(ValueError, match="no block of 50 text ids"):
+        shared_code_start(100, [0, 50, 99], 50)
+
+
+def test_shared_vocabulary_reads_and_writes_image_codes_as_text_ids(tokenizer_dir, media_dir, tmp_path):
+    model = MultimodalLM.from_config(token_config(tokenizer_dir, vocabulary="shared")).eval()
+    start = shared_code_start(TEXT_ROWS, model.tokenizer.all_special_ids, IMAGE_CODES)
+    vocab = model.fusion.vocabularies["image"]
+    assert (vocab.begin, vocab.end, vocab.first_code, model.config.fusion.options["code_start"]) == (TEXT_ROWS, TEXT_ROWS + 1, start, start)
+    assert model.llm.get_input_embeddings().num_embeddings == TEXT_ROWS + 2  # only begin and end are new rows
+    assert list(model.fusion.added_vocabulary()) == [TEXT_ROWS, TEXT_ROWS + 1]
+    batch = model.collator()([model.processor(draw_sample(media_dir))])
+    inputs = model.llm_inputs(batch["input_ids"], batch["media"])
+    begin = batch["input_ids"][0].tolist().index(TEXT_ROWS)
+    codes = model.codecs["image"].encode(batch["media"]["image"])[0, :, 0]
+    assert torch.equal(inputs["input_ids"][0, begin + 1: begin + 1 + IMAGE_CODES], codes + start)  # words' ids
+    labels = model.fusion.labels(batch["labels"], inputs)
+    assert torch.equal(labels[0, begin + 1: begin + 1 + IMAGE_CODES], codes + start)
+    assert torch.isfinite(model(**batch).loss)
+    # drawing: inside the span only the shared block, exactly its length, then the end token
+    prompt = model.collator("left")([model.processor(look_sample(media_dir), for_generation=True)])
+    outside_block = [i for i in range(TEXT_ROWS) if not start <= i < start + IMAGE_CODES]
+    image = model.generate(prompt["input_ids"], prompt["attention_mask"], prompt["media"], outputs=("image",),
+                           max_new_tokens=IMAGE_CODES + 3, do_sample=False, logits_processor=[Boost(outside_block)])[0].tolist()
+    assert image[0] == vocab.begin and image[IMAGE_CODES + 1] == vocab.end
+    assert all(start <= t < start + IMAGE_CODES for t in image[1: IMAGE_CODES + 1])
+    _, items = model.decode_output(torch.tensor([image]))[0]
+    assert items[0][1].shape == (3, 16, 16)
+    model.save_pretrained(tmp_path / "ckpt")
+    loaded = MultimodalLM.from_pretrained(tmp_path / "ckpt")
+    assert loaded.fusion.vocabularies["image"] == vocab
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**batch).logits, model(**batch).logits)
+
+
+def test_a_codec_trained_on_text_embeddings_fixes_the_shared_block(tokenizer_dir, media_dir):
+    config = token_config(tokenizer_dir, vocabulary="shared")
+    config.codecs["image"].settings.update(text_ids_start=40)  # its frozen codebook holds ids 40-55's embeddings
+    model = MultimodalLM.from_config(config).train()
+    assert model.fusion.vocabularies["image"].first_code == 40
+    codec = model.codecs["image"]
+    codec.train()  # even in training mode (the codec trainer's), the frozen codebook does not follow the batch
+    before = codec.quantizer.codebook.clone()
+    batch = model.collator()([model.processor(draw_sample(media_dir))])
+    codec.quantize(batch["media"]["image"] * 2 - 1)
+    assert torch.equal(codec.quantizer.codebook, before)
+    config.fusion.options["code_start"] = 41
+    with pytest.raises(ValueError, match="code_start 41 differs from 40"):
+        MultimodalLM.from_config(config)
+    with pytest.raises(ValueError, match="needs quantizer 'vq'"):
+        ImageCodec(quantizer="fsq", text_ids_start=40)
+    with pytest.raises(ValueError, match="with vocabulary 'shared' only"):
+        TokenFusion(TEXT_ROWS, {"image": [16, 1]}, code_start=40)

@@ -3,7 +3,8 @@
 ``world:llm``, ``world:vision`` and ``world:audio`` name a small Llama, ViT and Whisper encoder trained
 from scratch on the synthetic world (seeded, no download), ``world:acoustic`` a small WavLM on the raw
 waveform (WavLLM's second, acoustic encoder); ``world:image_codec`` (grid codes),
-``world:query_image_codec`` (SEED's causal learned-query codes), ``world:audio_codec`` and
+``world:query_image_codec`` (SEED's causal learned-query codes), ``world:unified_image_codec``
+(UniCode's: its frozen codebook is ``world:llm``'s embeddings of a block of text ids), ``world:audio_codec`` and
 ``world:semantic_audio`` the Type-D codecs of :mod:`mmfuse.codecs`. :func:`resolve` maps such a
 name to its cached directory under :func:`cache_dir`, building it the first time; any other name is
 returned unchanged. A build is written to a temporary directory and renamed into place, so an
@@ -30,10 +31,13 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from ..codecs import pretrain_audio_codec, pretrain_image_codec, pretrain_semantic_audio
+from ..codecs.image import DEFAULT_STEPS as DEFAULT_IMAGE_CODEC_STEPS
+from ..fusion.tokens import shared_code_start
 from ..data.synth.heldout import event_allowed, shape_allowed
 from .world_acoustic import pretrain_acoustic_encoder
 from .world_audio import pretrain_audio_encoder
@@ -43,7 +47,23 @@ from .world_vision import pretrain_vision_encoder
 PREFIX = "world:"
 SEED = 0
 QUERY_CODES = 16  # world:query_image_codec's codes per image (SEED: 32 per 224 px image)
+UNIFIED_CODES = 512  # world:unified_image_codec's codebook: text ids of world:llm (610 rows, 7 special)
 WORLD_VERSION = 1  # bump when the world or a builder changes, so stale caches are not reused
+
+
+def pretrain_unified_image_codec(out_dir: str | Path, *, seed: int = 0, steps: int = DEFAULT_IMAGE_CODEC_STEPS,
+                                 progress: Callable[[int, int, dict], None] | None = None) -> Path:
+    """UniCode's image tokenizer at world scale (builds ``world:llm`` first): a VQ image codec whose
+    frozen codebook is ``world:llm``'s input embeddings of the :data:`UNIFIED_CODES` text ids from
+    :func:`~mmfuse.fusion.tokens.shared_code_start`, so each image code is a word the LLM already has."""
+    llm_dir = build("llm")
+    rows = AutoModelForCausalLM.from_pretrained(llm_dir).get_input_embeddings().weight.detach()
+    start = shared_code_start(rows.shape[0], AutoTokenizer.from_pretrained(llm_dir).all_special_ids, UNIFIED_CODES)
+    settings = {"quantizer": "vq", "codebook_size": UNIFIED_CODES, "codebook_dim": rows.shape[1], "text_ids_start": start}
+    return pretrain_image_codec(out_dir, seed=seed, steps=steps, codec_settings=settings, codebook=rows[start:start + UNIFIED_CODES],
+                                allowed=shape_allowed, progress=progress)
+
+
 WORLD_BACKBONES = {
     "llm": pretrain_llm,
     "vision": functools.partial(pretrain_vision_encoder, allowed=shape_allowed),
@@ -53,6 +73,7 @@ WORLD_BACKBONES = {
     # the query bottleneck learns slower than the grid: 1200 steps left shapes 84% recognisable
     "query_image_codec": functools.partial(pretrain_image_codec, allowed=shape_allowed, steps=3000,
                                            codec_settings={"num_queries": QUERY_CODES}),
+    "unified_image_codec": pretrain_unified_image_codec,
     "audio_codec": functools.partial(pretrain_audio_codec, allowed=event_allowed),
     "semantic_audio": functools.partial(pretrain_semantic_audio, allowed=event_allowed),  # builds world:audio first
 }

@@ -18,6 +18,8 @@ class MediaCodec(nn.Module):
     num_codebooks: int = 1  # residual depth (1 for a single codebook)
     can_decode: bool = True  # False for encode-only codecs (transformers' ChameleonVQVAE has no decoder)
     feature_dim: int = 0  # width of :meth:`features` (0: the codec gives no continuous features)
+    # UniCode: the codebook is an LLM's embeddings of its text ids from here (code c is id start + c)
+    text_ids_start: int | None = None
 
     def settings(self) -> dict:
         """JSON-able ``{"kind": ..., **arguments}`` that rebuilds this codec's architecture (no weights)."""

@@ -118,7 +118,9 @@ class ImageCodec(MediaCodec):
     ``log2(downsample)``; ``latent_dim`` is the quantizer's input width; the full-resolution stem has
     ``widths[0] // 2`` channels. ``quantizer="fsq"`` has ``prod(levels)`` codes (1000 by default);
     ``"vq"`` has ``codebook_size`` codes of ``codebook_dim`` dims; settings keep only the chosen
-    quantizer's arguments.
+    quantizer's arguments. ``text_ids_start`` (VQ, UniCode): the codebook is frozen (neither EMA nor
+    k-means moves it) and holds an LLM's input embeddings of its text ids ``text_ids_start + c``, set by
+    the trainer before training (``pretrain_image_codec(codebook=...)``), so images quantise to words' vectors.
     """
 
     modality = "image"
@@ -138,6 +140,7 @@ class ImageCodec(MediaCodec):
         num_queries: int = 0,
         query_depth: int = 2,
         query_heads: int = 4,
+        text_ids_start: int | None = None,
     ):
         super().__init__()
         halvings = round(math.log2(downsample)) if downsample >= 1 else -1
@@ -149,13 +152,17 @@ class ImageCodec(MediaCodec):
             raise ValueError(f"image codec: image_size {image_size} is not a multiple of downsample {downsample}")
         if quantizer not in QUANTIZERS:
             raise ValueError(f"image codec: quantizer must be one of {QUANTIZERS}, got {quantizer!r}")
+        if text_ids_start is not None and quantizer != "vq":
+            raise ValueError(f"image codec: text_ids_start (a codebook of text embeddings) needs quantizer 'vq', got {quantizer!r}")
         self._settings = {
             "kind": "image", "image_size": image_size, "downsample": downsample, "widths": list(widths),
             "latent_dim": latent_dim, "quantizer": quantizer,
             **({"levels": list(levels)} if quantizer == "fsq" else
                {"codebook_size": codebook_size, "codebook_dim": codebook_dim, "commitment_weight": commitment_weight}),
             **({"num_queries": num_queries, "query_depth": query_depth, "query_heads": query_heads} if num_queries else {}),
+            **({"text_ids_start": text_ids_start} if text_ids_start is not None else {}),
         }
+        self.text_ids_start = text_ids_start
         self.image_size, self.downsample = image_size, downsample
         stem = widths[0] // 2
         encoder: list[nn.Module] = [nn.Conv2d(3, stem, 3, padding=1)]
@@ -172,9 +179,11 @@ class ImageCodec(MediaCodec):
         self.frames = num_queries or side * side
         self.feature_dim = latent_dim
         if quantizer == "vq":
+            frozen = text_ids_start is not None
             self.quantizer = VectorQuantize(
                 dim=latent_dim, codebook_size=codebook_size, codebook_dim=codebook_dim, decay=0.95,
-                kmeans_init=True, threshold_ema_dead_code=2, commitment_weight=commitment_weight,
+                kmeans_init=not frozen, threshold_ema_dead_code=0 if frozen else 2, commitment_weight=commitment_weight,
+                freeze_codebook=frozen,
             )
             self.codebook_size = codebook_size
         else:
@@ -209,7 +218,7 @@ class ImageCodec(MediaCodec):
         if isinstance(self.quantizer, FSQ):
             quantized, codes = self.quantizer(latents)
             return quantized, codes.long(), latents.new_zeros(())
-        quantized, codes, loss = self.quantizer(latents, freeze_codebook=freeze)
+        quantized, codes, loss = self.quantizer(latents, freeze_codebook=freeze or self.text_ids_start is not None)
         return quantized, codes, loss.sum()
 
     def latents(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -314,6 +323,7 @@ def pretrain_image_codec(
     batch_size: int = 32,
     lr: float = 2e-3,
     codec_settings: dict | None = None,
+    codebook: torch.Tensor | None = None,
     allowed: Callable[[Shape], bool] | None = None,
     progress: Callable[[int, int, dict], None] | None = None,
 ) -> Path:
@@ -325,7 +335,8 @@ def pretrain_image_codec(
     ``pretrain_metrics.json`` holds PSNR (dB) on ``EVAL_IMAGES`` fresh scenes and as many video
     frames, the share of codebook entries in use, a blurry baseline on the scenes (each code cell's
     mean colour, bilinearly upsampled: what 36 exact colours per image give) and, when ``allowed``
-    rejects any shape, PSNR and :func:`colour_kept` on one-shape scenes of held-out shapes.
+    rejects any shape, PSNR and :func:`colour_kept` on one-shape scenes of held-out shapes. ``codebook``
+    ``(codebook_size, codebook_dim)``: the frozen codebook of a ``text_ids_start`` codec (UniCode).
     ``progress(step, steps, {"loss": float, "mse": float})`` is called after every step.
     """
     from mmfuse.codecs import save_codec
@@ -336,6 +347,12 @@ def pretrain_image_codec(
     torch.manual_seed(seed)
     rng = random.Random(seed)
     codec = ImageCodec(**(codec_settings or {}))
+    if (codebook is None) != (codec.text_ids_start is None):
+        raise ValueError("pretrain_image_codec: a codebook is given exactly when the codec's text_ids_start is set")
+    if codebook is not None:
+        if tuple(codebook.shape) != tuple(codec.quantizer.codebook.shape):
+            raise ValueError(f"pretrain_image_codec: codebook of shape {tuple(codebook.shape)}, the codec's is {tuple(codec.quantizer.codebook.shape)}")
+        codec.quantizer.codebook = codebook.detach().to(codec.quantizer.codebook.dtype)
     optimizer = torch.optim.AdamW(codec.parameters(), lr=lr, weight_decay=0.0)
     schedule = warmup_cosine(optimizer, steps)
     codec.train()

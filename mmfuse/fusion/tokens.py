@@ -7,6 +7,13 @@ rows come, per modality, a begin and an end token and ``codebook_size * num_code
 Multi-codebook (residual) codes are flattened frame-major with one id range per codebook (AnyGPT's
 ``code + codebook_size * layer``). One media item is laid out as ``<boi> code ... code <eoi>``.
 
+``vocabulary: shared`` is UniCode's unified codebook: a modality's codes are not new rows but text
+ids (code ``c`` is text id ``code_start + c``, a block of the text vocabulary without special tokens),
+so the LLM reads an image code through a word's embedding row and writes it through that word's
+output row; only the begin and end tokens are added. A codec trained against those rows
+(``world:unified_image_codec``, whose frozen codebook is the world LLM's embeddings of the block)
+quantises images to words' vectors.
+
 ``read: features`` is LaVIT's released code: a media item the model only reads (outside the loss: a
 prompt's image) enters as the codec's continuous features before quantization, through a linear
 projection (LaVIT's ``vit_proj``), while an item the model writes (inside the loss, or generated)
@@ -30,16 +37,19 @@ from .layers import attention_heads, attention_module, decoder_layers
 INITIALISATIONS = ("mean", "random")
 LOSSES = ("all", "text")
 READS = ("codes", "features")
+VOCABULARIES = ("extended", "shared")
 
 
 @dataclass(frozen=True)
 class ModalityVocabulary:
-    """The id range of one modality: ``begin``, ``end``, then ``num_codebooks`` ranges of codes."""
+    """The id range of one modality: ``begin``, ``end``, then ``num_codebooks`` ranges of codes;
+    ``code_start``: where the codes start when they are shared text ids (UniCode) instead."""
 
     modality: str
     begin: int
     codebook_size: int
     num_codebooks: int
+    code_start: int | None = None
 
     @property
     def end(self) -> int:
@@ -47,11 +57,12 @@ class ModalityVocabulary:
 
     @property
     def first_code(self) -> int:
-        return self.begin + 2
+        return self.begin + 2 if self.code_start is None else self.code_start
 
     @property
     def size(self) -> int:
-        return 2 + self.codebook_size * self.num_codebooks
+        """Rows this modality adds to the vocabulary."""
+        return 2 + (self.codebook_size * self.num_codebooks if self.code_start is None else 0)
 
     def code_ids(self, codes: torch.Tensor) -> torch.Tensor:
         """Codes ``(items, frames, num_codebooks)`` -> ids ``(items, frames * num_codebooks)``, frame-major."""
@@ -76,15 +87,30 @@ class ModalityVocabulary:
         return lo, lo + self.codebook_size
 
 
-def vocabularies(text_vocab_size: int, codebooks: dict[str, list[int]]) -> dict[str, ModalityVocabulary]:
+def vocabularies(text_vocab_size: int, codebooks: dict[str, list[int]], code_start: int | None = None) -> dict[str, ModalityVocabulary]:
     """modality -> its id range, modalities in :data:`MODALITIES` order after the text rows.
-    ``codebooks``: modality -> ``[codebook_size, num_codebooks]``."""
+    ``codebooks``: modality -> ``[codebook_size, num_codebooks]``; ``code_start``: every modality's codes
+    are the text ids from there (shared vocabulary), else each gets new rows."""
     out, start = {}, text_vocab_size
     for modality in [m for m in MODALITIES if m in codebooks]:
         size, depth = codebooks[modality]
-        out[modality] = ModalityVocabulary(modality, start, int(size), int(depth))
+        out[modality] = ModalityVocabulary(modality, start, int(size), int(depth), code_start)
         start += out[modality].size
     return out
+
+
+def shared_code_start(text_vocab_size: int, special_ids: list[int], codes: int) -> int:
+    """The start of the highest block of ``codes`` text ids holding no special token (a code must
+    never read as the end of the reply or a chat marker); ValueError when the vocabulary has none."""
+    end = text_vocab_size
+    for special in sorted((i for i in set(special_ids) if 0 <= i < text_vocab_size), reverse=True):
+        if end - special - 1 >= codes:
+            break
+        end = special
+    if end < codes:  # no gap was wide enough, and the ids below the lowest special token are too few
+        raise ValueError(f"vocabulary 'shared': no block of {codes} text ids without special tokens in a text "
+                         f"vocabulary of {text_vocab_size}; use a smaller codebook or vocabulary 'extended'")
+    return end - codes
 
 
 class QKNorm(nn.Module):
@@ -109,16 +135,22 @@ class TokenFusion(FusionStrategy):
     (the LLM's initializer); ``qk_norm`` (Chameleon: LayerNorm on queries and keys per head; it changes
     the LLM's function, so it is for training from scratch); ``generation_seconds``: the length of an
     audio item the model generates; ``read``: "codes" (every item is read as its code ids) or
-    "features" (LaVIT; see the module docstring). ``text_vocab_size``, ``codebooks`` and, when reading
-    features, ``feature_dims`` (modality -> the codec's feature width) are filled in by the model from
-    the LLM and the codecs."""
+    "features" (LaVIT; see the module docstring); ``vocabulary``: "extended" (new rows for the codes) or
+    "shared" (UniCode: the codes are text ids from ``code_start``). ``text_vocab_size``, ``codebooks``,
+    ``code_start`` (shared) and, when reading features, ``feature_dims`` (modality -> the codec's
+    feature width) are filled in by the model from the LLM, its tokenizer and the codecs."""
 
     survey_type = "D"
 
     def __init__(self, text_vocab_size: int, codebooks: dict[str, list[int]], loss: str = "all", init: str = "mean",
                  qk_norm: bool = False, generation_seconds: float = 2.0, read: str = "codes",
-                 feature_dims: dict[str, int] | None = None):
+                 feature_dims: dict[str, int] | None = None, vocabulary: str = "extended", code_start: int | None = None):
         super().__init__()
+        if vocabulary not in VOCABULARIES:
+            raise ValueError(f"fusion.options.vocabulary must be one of {VOCABULARIES}, got {vocabulary!r}")
+        if (vocabulary == "shared") != (code_start is not None):
+            raise ValueError(f"fusion.options.code_start is the shared vocabulary's first code id: give it with "
+                             f"vocabulary 'shared' only (vocabulary {vocabulary!r}, code_start {code_start!r})")
         if read not in READS:
             raise ValueError(f"fusion.options.read must be one of {READS}, got {read!r}")
         if loss not in LOSSES:
@@ -126,7 +158,11 @@ class TokenFusion(FusionStrategy):
         if init not in INITIALISATIONS:
             raise ValueError(f"fusion.options.init must be one of {INITIALISATIONS}, got {init!r}")
         self.text_vocab_size = text_vocab_size
-        self.vocabularies = vocabularies(text_vocab_size, codebooks)
+        self.vocabularies = vocabularies(text_vocab_size, codebooks, code_start)
+        for vocab in self.vocabularies.values():
+            if code_start is not None and not 0 <= code_start <= text_vocab_size - vocab.codebook_size * vocab.num_codebooks:
+                raise ValueError(f"fusion.options.code_start {code_start}: the {vocab.modality} codes "
+                                 f"({vocab.codebook_size * vocab.num_codebooks}) do not fit in the {text_vocab_size} text ids from there")
         self.output_modalities = ("text", *self.vocabularies)
         self.loss = loss
         self.init = init
