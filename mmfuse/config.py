@@ -190,10 +190,15 @@ class FusionConfig(JsonConfig):
     :class:`~mmfuse.fusion.CrossAttentionFusion`), "B" (custom layers: ``options.mechanism`` picks one of
     ``mmfuse.fusion.TYPE_B_MECHANISMS``, e.g. ``adapter_prompts``, the rest are its options) or "C"
     (non-tokenized early fusion) or "D" (tokenized early fusion: the modalities in
-    ``MultimodalConfig.codecs`` become vocabulary tokens; options of :class:`~mmfuse.fusion.TokenFusion`)."""
+    ``MultimodalConfig.codecs`` become vocabulary tokens; options of :class:`~mmfuse.fusion.TokenFusion`).
+
+    ``cross_attention`` (options of :class:`~mmfuse.fusion.CrossAttentionFusion`) adds a Type-A branch
+    to a Type-B or Type-C strategy: gated cross-attention blocks reading each item's encoder features
+    (CogAgent, MM-Interleaved; :class:`~mmfuse.fusion.WithCrossAttention`)."""
 
     type: str = "C"
     options: dict[str, Any] = field(default_factory=dict)
+    cross_attention: dict[str, Any] | None = None
 
 
 @dataclass

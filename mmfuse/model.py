@@ -61,7 +61,7 @@ class MultimodalLM(nn.Module):
         llm_dim = llm.get_input_embeddings().embedding_dim
         if config.fusion.type == "D":
             self._resolve_vocabulary(config.fusion.options, llm, tokenizer)
-        self.fusion = build_fusion(config.fusion)
+        self.fusion = build_fusion(config.fusion, {m: enc.hidden_size for m, enc in encoders.items()})
         widths = {m: self.fusion.connector_width(enc.hidden_size, llm_dim) for m, enc in encoders.items()}
         self.connectors = nn.ModuleDict({m: Connector(config.connectors[m], enc.hidden_size, widths[m],
                                                       parts=enc.widths if isinstance(enc, MultiEncoder) else ())
@@ -250,9 +250,10 @@ class MultimodalLM(nn.Module):
         return self.connectors[modality](features)
 
     # -- forward ----------------------------------------------------------------------------------
-    def encode_media(self, media: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def encode_media(self, media: dict[str, torch.Tensor], features: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         """modality -> ``(items, tokens, d_llm)``; a frozen encoder runs without autograd. A Type-D
-        modality -> its codes ``(items, frames, codebooks)``."""
+        modality -> its codes ``(items, frames, codebooks)``. ``features``, when given, receives each
+        encoder's output before the connector ``(items, tokens, d_enc)``."""
         out = {}
         for modality, inputs in media.items():
             if modality in self.codecs:
@@ -264,8 +265,10 @@ class MultimodalLM(nn.Module):
             encoder = self.encoders[modality]
             trainable = any(p.requires_grad for p in encoder.parameters())
             with torch.set_grad_enabled(torch.is_grad_enabled() and trainable):
-                features = encoder(inputs.to(self._encoder_dtype(modality)))
-            out[modality] = self._connect(modality, inputs, features)
+                encoded = encoder(inputs.to(self._encoder_dtype(modality)))
+            if features is not None:
+                features[modality] = encoded
+            out[modality] = self._connect(modality, inputs, encoded)
         return out
 
     def can_embed(self, modality: str) -> bool:
@@ -284,14 +287,16 @@ class MultimodalLM(nn.Module):
 
     def llm_inputs(self, input_ids: torch.Tensor, media: dict[str, torch.Tensor] | None,
                    labels: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        """The fusion's keyword arguments for the LLM. A fusion that reads codec features (LaVIT) also
-        gets them, and which positions the model writes (``labels``'s labelled ones; none without labels)."""
+        """The fusion's keyword arguments for the LLM. A fusion that reads features also gets them: the
+        codecs' continuous features (LaVIT) or the encoders' outputs before the connector (a Type-A
+        branch, CogAgent), and which positions the model writes (``labels``'s labelled ones; none without labels)."""
         media = media or {}
         if not self.fusion.reads_features:
             return self.fusion.llm_inputs(self.llm, input_ids, self.encode_media(media))
         features = {m: self.codecs[m].features(t.to(self._codec_dtype(m))) for m, t in media.items() if m in self.codecs}
+        encoded = self.encode_media(media, features)
         written = None if labels is None else labels != IGNORE_INDEX
-        return self.fusion.llm_inputs(self.llm, input_ids, self.encode_media(media), features=features, written=written)
+        return self.fusion.llm_inputs(self.llm, input_ids, encoded, features=features, written=written)
 
     def forward(self, input_ids, attention_mask=None, labels=None, media=None, ids=None, num_items_in_batch=None, skipped=None,
                 **llm_kwargs):

@@ -10,6 +10,7 @@ import pytest
 import torch
 import transformers
 from PIL import Image
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import TINY_WHISPER
 from mmfuse.backbones import world
@@ -24,6 +25,7 @@ from mmfuse.codecs import semantic as semantic_module
 from mmfuse.data.synth import scenes, sounds
 from mmfuse.data.synth.heldout import event_allowed, shape_allowed
 from mmfuse.data.synth.scenes import render_array, sample_scene
+from mmfuse.fusion.tokens import shared_code_start
 
 TINY_IMAGE = {"widths": [8, 8, 16], "latent_dim": 8, "quantizer": "vq", "codebook_size": 32, "codebook_dim": 4}
 TINY_AUDIO = {"n_fft": 256, "hop": 128, "stride": 2, "width": 16, "dim": 8, "num_quantizers": 2, "codebook_size": 16,
@@ -422,6 +424,20 @@ def test_world_registers_the_codec_builders():
                           ("semantic_audio", pretrain_semantic_audio)):
         assert world.WORLD_BACKBONES[name].func is builder
         assert world.WORLD_BACKBONES[name].keywords["allowed"] is not None  # held-out combinations stay out
+
+
+def test_unified_image_codec_quantises_to_the_world_llms_word_vectors(tmp_path, monkeypatch):
+    monkeypatch.setenv("MMFUSE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("MMFUSE_WORLD_STEPS_SCALE", "0.01")
+    codec = load_codec("world:unified_image_codec")  # builds world:llm first
+    llm = AutoModelForCausalLM.from_pretrained(world.build("llm"))
+    tokenizer = AutoTokenizer.from_pretrained(world.build("llm"))
+    start = shared_code_start(len(tokenizer), tokenizer.all_special_ids, world.UNIFIED_CODES)
+    assert codec.text_ids_start == start and codec.codebook_size == world.UNIFIED_CODES
+    words = llm.get_input_embeddings().weight[start: start + world.UNIFIED_CODES]
+    assert torch.equal(codec.quantizer.frozen_codebook, words.detach())  # the codebook is the words' rows
+    codes = codec.encode(_world_pixels(4))
+    assert codes.shape == (4, 36, 1) and codec.decode(codes).shape == (4, 3, 48, 48)
 
 
 # --- full-budget world codecs ------------------------------------------------------------------------

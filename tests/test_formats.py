@@ -105,6 +105,11 @@ def test_builtin_recipes_load_with_their_survey_type():
         recipe = load_recipe(name)
         assert recipe.survey_type == "B" and recipe.model.fusion.options["mechanism"] == mechanism
     assert load_recipe("cogvlm").model.connectors["image"].kind == "glu"
+    cogagent = load_recipe("cogagent")  # CogVLM plus a cross-attention branch over every patch
+    assert cogagent.model.fusion.options["mechanism"] == "visual_expert" and cogagent.model.fusion.cross_attention["every"] == 1
+    assert cogagent.model.connectors["image"].pool_stride == 4
+    interleaved = load_recipe("mm-interleaved")
+    assert interleaved.model.fusion.type == "C" and interleaved.model.fusion.cross_attention["placement"] == "idefics"
     assert load_recipe("moe-llava").train.stages[-1].train == ["fusion"]  # experts and routers only
     idefics2 = load_recipe("idefics2")
     assert idefics2.model.fusion.type == "C" and idefics2.model.connectors["image"].num_latents == 64
@@ -114,13 +119,16 @@ def test_builtin_recipes_load_with_their_survey_type():
     assert qwen_vl.model.connectors["image"].positions_2d and "encoders" not in qwen_vl.train.stages[-1].train
     assert load_recipe("minigpt4").train.stages[-1].train == ["connectors.image.core.proj"]  # one linear layer
     tokenized = {"chameleon": ["image"], "teal": ["image"], "anygpt": ["image", "audio"], "audiopalm": ["audio"], "seed": ["image"],
-                 "lavit": ["image"], "cm3leon": ["image"]}
+                 "lavit": ["image"], "cm3leon": ["image"], "unicode": ["image"]}
     for name, modalities in tokenized.items():
         recipe = load_recipe(name)
         assert recipe.survey_type == "D" and list(recipe.model.codecs) == modalities and not recipe.model.encoders
     assert load_recipe("seed").model.codecs["image"].name_or_path == "world:query_image_codec"  # learned-query codes
     assert load_recipe("lavit").model.fusion.options["read"] == "features"  # understands from features, writes codes
     assert load_recipe("cm3leon").train.stages[-1].retrieved == 2  # retrieval-augmented training
+    unicode = load_recipe("unicode")  # image codes are text ids of the LLM's own vocabulary
+    assert unicode.model.fusion.options["vocabulary"] == "shared"
+    assert unicode.model.codecs["image"].name_or_path == "world:unified_image_codec"
     assert load_recipe("teal").train.stages[0].train == [] and load_recipe("teal").train.stages[0].train_added_tokens
     assert load_recipe("audiopalm").model.task_prefixes["audio_caption"] == "[ASR] "
     assert load_recipe("audiopalm").model.codecs["audio"].name_or_path == "world:semantic_audio"

@@ -403,19 +403,26 @@ def test_shared_vocabulary_reads_and_writes_image_codes_as_text_ids(tokenizer_di
 
 def test_a_codec_trained_on_text_embeddings_fixes_the_shared_block(tokenizer_dir, media_dir):
     config = token_config(tokenizer_dir, vocabulary="shared")
-    config.codecs["image"].settings.update(text_ids_start=40)  # its frozen codebook holds ids 40-55's embeddings
+    config.codecs["image"].settings.update(quantizer="simvq", text_ids_start=40)  # a codebook of ids 40-55's embeddings
     model = MultimodalLM.from_config(config).train()
     assert model.fusion.vocabularies["image"].first_code == 40
     codec = model.codecs["image"]
-    codec.train()  # even in training mode (the codec trainer's), the frozen codebook does not follow the batch
-    before = codec.quantizer.codebook.clone()
+    words = model.llm.get_input_embeddings().weight[40:56, :4].detach()
+    codec.quantizer.frozen_codebook.copy_(words)
+    assert "quantizer.frozen_codebook" not in dict(codec.named_parameters())  # a buffer: no optimizer moves it
+    codec.train()
     batch = model.collator()([model.processor(draw_sample(media_dir))])
-    codec.quantize(batch["media"]["image"] * 2 - 1)
-    assert torch.equal(codec.quantizer.codebook, before)
+    implicit = codec.quantizer.codebook.detach().clone()
+    optimizer = torch.optim.SGD(codec.parameters(), lr=0.1)
+    quantized, _, loss = codec.quantize(batch["media"]["image"])
+    (loss + codec.reconstruct(quantized).pow(2).mean()).backward()
+    optimizer.step()
+    assert torch.equal(codec.quantizer.frozen_codebook, words)
+    assert not torch.equal(codec.quantizer.codebook, implicit)  # the codes move together, through the linear map
     config.fusion.options["code_start"] = 41
     with pytest.raises(ValueError, match="code_start 41 differs from 40"):
         MultimodalLM.from_config(config)
-    with pytest.raises(ValueError, match="needs quantizer 'vq'"):
-        ImageCodec(quantizer="fsq", text_ids_start=40)
+    with pytest.raises(ValueError, match="needs quantizer 'simvq'"):
+        ImageCodec(quantizer="vq", text_ids_start=40)
     with pytest.raises(ValueError, match="with vocabulary 'shared' only"):
         TokenFusion(TEXT_ROWS, {"image": [16, 1]}, code_start=40)

@@ -53,13 +53,14 @@ WORLD_VERSION = 1  # bump when the world or a builder changes, so stale caches a
 
 def pretrain_unified_image_codec(out_dir: str | Path, *, seed: int = 0, steps: int = DEFAULT_IMAGE_CODEC_STEPS,
                                  progress: Callable[[int, int, dict], None] | None = None) -> Path:
-    """UniCode's image tokenizer at world scale (builds ``world:llm`` first): a VQ image codec whose
+    """UniCode's image tokenizer at world scale (builds ``world:llm`` first): a SimVQ image codec whose
     frozen codebook is ``world:llm``'s input embeddings of the :data:`UNIFIED_CODES` text ids from
-    :func:`~mmfuse.fusion.tokens.shared_code_start`, so each image code is a word the LLM already has."""
+    :func:`~mmfuse.fusion.tokens.shared_code_start` (under one learned linear map), so each image code is
+    a word the LLM already has."""
     llm_dir = build("llm")
     rows = AutoModelForCausalLM.from_pretrained(llm_dir).get_input_embeddings().weight.detach()
     start = shared_code_start(rows.shape[0], AutoTokenizer.from_pretrained(llm_dir).all_special_ids, UNIFIED_CODES)
-    settings = {"quantizer": "vq", "codebook_size": UNIFIED_CODES, "codebook_dim": rows.shape[1], "text_ids_start": start}
+    settings = {"quantizer": "simvq", "codebook_size": UNIFIED_CODES, "codebook_dim": rows.shape[1], "text_ids_start": start}
     return pretrain_image_codec(out_dir, seed=seed, steps=steps, codec_settings=settings, codebook=rows[start:start + UNIFIED_CODES],
                                 allowed=shape_allowed, progress=progress)
 

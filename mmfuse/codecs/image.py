@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import ViTImageProcessorPil
-from vector_quantize_pytorch import FSQ, VectorQuantize
+from vector_quantize_pytorch import FSQ, SimVQ, VectorQuantize
 
 from mmfuse.backbones.schedules import warmup_cosine
 from mmfuse.backbones.world_vision import _off_palette_rgb
@@ -35,7 +35,7 @@ from mmfuse.codecs.base import MediaCodec
 from mmfuse.data.synth import video
 from mmfuse.data.synth.scenes import COLOUR_RGB, COLOURS, IMAGE_SIZE, Scene, Shape, object_map, render_array, sample_scene
 
-QUANTIZERS = ("fsq", "vq")
+QUANTIZERS = ("fsq", "vq", "simvq")
 DEFAULT_STEPS = 1200
 VIDEO_FRACTION = 0.3  # share of each training batch that is a single frame of a motion video
 # Held-out (colour, shape) pairs never appear in training images; repainting objects off-palette with
@@ -118,9 +118,11 @@ class ImageCodec(MediaCodec):
     ``log2(downsample)``; ``latent_dim`` is the quantizer's input width; the full-resolution stem has
     ``widths[0] // 2`` channels. ``quantizer="fsq"`` has ``prod(levels)`` codes (1000 by default);
     ``"vq"`` has ``codebook_size`` codes of ``codebook_dim`` dims; settings keep only the chosen
-    quantizer's arguments. ``text_ids_start`` (VQ, UniCode): the codebook is frozen (neither EMA nor
-    k-means moves it) and holds an LLM's input embeddings of its text ids ``text_ids_start + c``, set by
-    the trainer before training (``pretrain_image_codec(codebook=...)``), so images quantise to words' vectors.
+    quantizer's arguments. ``"simvq"`` (SimVQ, Zhu et al. 2024) quantises to a learned linear map of a
+    frozen ``(codebook_size, codebook_dim)`` codebook: every code moves with the map, so none is left
+    dead. ``text_ids_start`` (SimVQ, UniCode): the frozen codebook holds an LLM's input embeddings of its
+    text ids ``text_ids_start + c``, set before training (``pretrain_image_codec(codebook=...)``), so
+    image code ``c`` is a linear image of word ``text_ids_start + c``'s vector.
     """
 
     modality = "image"
@@ -152,8 +154,8 @@ class ImageCodec(MediaCodec):
             raise ValueError(f"image codec: image_size {image_size} is not a multiple of downsample {downsample}")
         if quantizer not in QUANTIZERS:
             raise ValueError(f"image codec: quantizer must be one of {QUANTIZERS}, got {quantizer!r}")
-        if text_ids_start is not None and quantizer != "vq":
-            raise ValueError(f"image codec: text_ids_start (a codebook of text embeddings) needs quantizer 'vq', got {quantizer!r}")
+        if text_ids_start is not None and quantizer != "simvq":
+            raise ValueError(f"image codec: text_ids_start (a codebook of text embeddings) needs quantizer 'simvq', got {quantizer!r}")
         self._settings = {
             "kind": "image", "image_size": image_size, "downsample": downsample, "widths": list(widths),
             "latent_dim": latent_dim, "quantizer": quantizer,
@@ -179,12 +181,14 @@ class ImageCodec(MediaCodec):
         self.frames = num_queries or side * side
         self.feature_dim = latent_dim
         if quantizer == "vq":
-            frozen = text_ids_start is not None
             self.quantizer = VectorQuantize(
                 dim=latent_dim, codebook_size=codebook_size, codebook_dim=codebook_dim, decay=0.95,
-                kmeans_init=not frozen, threshold_ema_dead_code=0 if frozen else 2, commitment_weight=commitment_weight,
-                freeze_codebook=frozen,
+                kmeans_init=True, threshold_ema_dead_code=2, commitment_weight=commitment_weight,
             )
+            self.codebook_size = codebook_size
+        elif quantizer == "simvq":
+            self.quantizer = SimVQ(dim=latent_dim, codebook_size=codebook_size, frozen_codebook_dim=codebook_dim,
+                                   commitment_weight=commitment_weight)
             self.codebook_size = codebook_size
         else:
             self.quantizer = FSQ(levels=list(levels), dim=latent_dim)
@@ -218,7 +222,10 @@ class ImageCodec(MediaCodec):
         if isinstance(self.quantizer, FSQ):
             quantized, codes = self.quantizer(latents)
             return quantized, codes.long(), latents.new_zeros(())
-        quantized, codes, loss = self.quantizer(latents, freeze_codebook=freeze or self.text_ids_start is not None)
+        if isinstance(self.quantizer, SimVQ):  # its codebook is a buffer: nothing follows the batch
+            quantized, codes, loss = self.quantizer(latents)
+        else:
+            quantized, codes, loss = self.quantizer(latents, freeze_codebook=freeze)
         return quantized, codes, loss.sum()
 
     def latents(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -250,7 +257,7 @@ class ImageCodec(MediaCodec):
         """Codes (items, frames, 1) -> images (items, 3, H, W) in [0, 1]."""
         if codes.dim() != 3 or codes.shape[1:] != (self.frames, 1):
             raise ValueError(f"image codec: expected codes of shape (items, {self.frames}, 1), got {tuple(codes.shape)}")
-        if isinstance(self.quantizer, FSQ):
+        if isinstance(self.quantizer, (FSQ, SimVQ)):
             quantized = self.quantizer.indices_to_codes(codes[..., 0])
         else:
             quantized = self.quantizer.get_output_from_indices(codes[..., 0])
@@ -350,9 +357,10 @@ def pretrain_image_codec(
     if (codebook is None) != (codec.text_ids_start is None):
         raise ValueError("pretrain_image_codec: a codebook is given exactly when the codec's text_ids_start is set")
     if codebook is not None:
-        if tuple(codebook.shape) != tuple(codec.quantizer.codebook.shape):
-            raise ValueError(f"pretrain_image_codec: codebook of shape {tuple(codebook.shape)}, the codec's is {tuple(codec.quantizer.codebook.shape)}")
-        codec.quantizer.codebook = codebook.detach().to(codec.quantizer.codebook.dtype)
+        frozen = codec.quantizer.frozen_codebook
+        if tuple(codebook.shape) != tuple(frozen.shape):
+            raise ValueError(f"pretrain_image_codec: codebook of shape {tuple(codebook.shape)}, the codec's is {tuple(frozen.shape)}")
+        frozen.copy_(codebook.detach())
     optimizer = torch.optim.AdamW(codec.parameters(), lr=lr, weight_decay=0.0)
     schedule = warmup_cosine(optimizer, steps)
     codec.train()

@@ -172,13 +172,18 @@ class CrossAttentionFusion(FusionStrategy):
         return encoder_dim
 
     def attach(self, llm: nn.Module, media_dims: dict[str, int]) -> None:
+        self.attach_blocks(llm, media_dims)
+        self.markers = MediaMarkers(list(media_dims), llm.get_input_embeddings().embedding_dim, init_std(llm))
+
+    def attach_blocks(self, llm: nn.Module, media_dims: dict[str, int]) -> None:
+        """The blocks and their hooks, without the marker embeddings (a strategy that lays the media
+        out itself and adds these blocks as a branch, :class:`~mmfuse.fusion.WithCrossAttention`)."""
         dim = llm.get_input_embeddings().embedding_dim
         heads = self.num_heads or attention_heads(llm)
         layers = decoder_layers(llm)
         self.layer_indices = cross_attention_layers(len(layers), self.every, self.placement)
         self.blocks = nn.ModuleList(GatedCrossAttentionBlock(dim, media_dims, heads, self.ff_mult, self.qk_norm)
                                     for _ in self.layer_indices)
-        self.markers = MediaMarkers(list(media_dims), dim, init_std(llm))
         block_of = dict(zip(self.layer_indices, range(len(self.layer_indices))))
         for index, layer in enumerate(layers):
             # a partial of a bound method, not a closure: a deep copy of the model rebinds it to the copy
@@ -212,7 +217,7 @@ class CrossAttentionFusion(FusionStrategy):
         media_index = any_marker.long().cumsum(dim=1)
         batch, tokens = input_ids.shape[0], max((media[m].shape[1] for m, n in counts.items() if n), default=1)
         per_row = max(int(media_index[:, -1].max()) if batch else 0, 1)  # the one host sync: it sizes the keys
-        anchor = next(iter(self.markers.embeddings.values()))
+        anchor = self.blocks[0].to_q.weight
         shape = (len(self.blocks), batch, per_row, tokens, anchor.shape[0])
         keys = torch.zeros(shape, dtype=anchor.dtype, device=input_ids.device)
         values = torch.zeros_like(keys)
