@@ -119,13 +119,13 @@ class QKNorm(nn.Module):
 
     def __init__(self, heads: int, head_dim: int):
         super().__init__()
+        self.head_dim = (head_dim,)
         self.weight = nn.Parameter(torch.ones(heads, head_dim))
         self.bias = nn.Parameter(torch.zeros(heads, head_dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        x = x.view(*shape[:-1], *self.weight.shape)
-        return (F.layer_norm(x, self.weight.shape[-1:]) * self.weight + self.bias).view(shape)
+        normed = F.layer_norm(x.unflatten(-1, self.weight.shape), self.head_dim)
+        return torch.addcmul(self.bias, normed, self.weight).flatten(-2)  # one fused op for the affine part
 
 
 class TokenFusion(FusionStrategy):
