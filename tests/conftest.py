@@ -11,6 +11,7 @@ from PIL import Image
 
 from mmfuse.config import ConnectorConfig, EncoderConfig, LLMConfig, MultimodalConfig
 from mmfuse.data.processor import Processor
+from mmfuse.data.schema import Message, Sample
 
 CHAT_TEMPLATE = (
     "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>\n"
@@ -111,3 +112,17 @@ def processor_with_policy(model, on_bad_sample: str) -> Processor:
     """``model``'s processor, but with its own bad-sample policy and log."""
     return Processor(model.tokenizer, model.media_processors, model.media_token_count, model.fusion.layout,
                      max_length=model.processor.max_length, on_bad_sample=on_bad_sample)
+
+
+def two_image_prompts(media_dir: Path) -> list[Sample]:
+    """Two generation prompts of different lengths, one image each (left padding differs between rows)."""
+    return [Sample(f"g{i}", [Message("user", f"{'look ' * i}<image> what colour?")], {"image": [media_dir / f]})
+            for i, f in enumerate(("a.png", "b.png"))]
+
+
+def cached_and_uncached(model, samples: list[Sample], new_tokens: int = 6) -> tuple[torch.Tensor, torch.Tensor]:
+    """Greedy replies of exactly ``new_tokens`` tokens to ``samples`` (left-padded), with and without the KV cache."""
+    batch = model.collator("left")([model.processor(s, for_generation=True) for s in samples])
+    kw = dict(max_new_tokens=new_tokens, do_sample=False, min_new_tokens=new_tokens)
+    return tuple(model.generate(batch["input_ids"], batch["attention_mask"], batch["media"], use_cache=c, **kw) for c in (True, False))
+

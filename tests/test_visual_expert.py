@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from conftest import TINY_LLMS, tiny_config
+from conftest import TINY_LLMS, cached_and_uncached, tiny_config, two_image_prompts
 from transformers import AutoModelForCausalLM
 
 from mmfuse.config import FusionConfig
@@ -109,15 +109,10 @@ def test_cached_and_uncached_generation_agree_and_save_load(tokenizer_dir, media
     with torch.no_grad():
         for p in model.fusion.experts.parameters():
             p.add_(0.05 * torch.randn_like(p))
-    samples = [Sample(f"g{i}", [Message("user", f"{'look ' * i}<image> what colour?")], {"image": [media_dir / f]})
-               for i, f in enumerate(("a.png", "b.png"))]
-    batch = model.collator("left")([model.processor(s, for_generation=True) for s in samples])
-    kw = dict(max_new_tokens=6, do_sample=False, min_new_tokens=6)
-    cached = model.generate(batch["input_ids"], batch["attention_mask"], batch["media"], use_cache=True, **kw)
-    uncached = model.generate(batch["input_ids"], batch["attention_mask"], batch["media"], use_cache=False, **kw)
+    samples = two_image_prompts(media_dir)
+    cached, uncached = cached_and_uncached(model, samples)
     assert torch.equal(cached, uncached)
-    alone = model.collator("left")([model.processor(samples[0], for_generation=True)])
-    assert torch.equal(model.generate(alone["input_ids"], alone["attention_mask"], alone["media"], **kw)[0], cached[0])
+    assert torch.equal(cached_and_uncached(model, samples[:1])[0][0], cached[0])  # left padding changes nothing
     model.save_pretrained(tmp_path / "m")
     loaded = MultimodalLM.from_pretrained(tmp_path / "m").eval()
     batch = _image_batch(model, media_dir)

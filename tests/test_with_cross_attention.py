@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_config
+from conftest import cached_and_uncached, tiny_config, two_image_prompts
 
 from mmfuse.config import ConnectorConfig, FusionConfig
 from mmfuse.data.schema import Message, Sample
@@ -80,12 +80,7 @@ def test_closed_gates_give_the_main_strategys_logits_and_open_ones_read_every_pa
 def test_cached_and_uncached_generation_agree_and_save_load(tokenizer_dir, media_dir, tmp_path):
     model = _model(tokenizer_dir, media_attention="all_previous")
     _open(model, 0.5, 0.5)
-    samples = [Sample(f"g{i}", [Message("user", f"{'look ' * i}<image> what colour?")], {"image": [media_dir / f]})
-               for i, f in enumerate(("a.png", "b.png"))]
-    batch = model.collator("left")([model.processor(s, for_generation=True) for s in samples])
-    kw = dict(max_new_tokens=6, do_sample=False, min_new_tokens=6)
-    cached = model.generate(batch["input_ids"], batch["attention_mask"], batch["media"], use_cache=True, **kw)
-    uncached = model.generate(batch["input_ids"], batch["attention_mask"], batch["media"], use_cache=False, **kw)
+    cached, uncached = cached_and_uncached(model, two_image_prompts(media_dir))
     assert torch.equal(cached, uncached)
     assert model.fusion.main._generation_context is None and model.fusion.cross_attention._generation_context is None
     model.save_pretrained(tmp_path / "m")
