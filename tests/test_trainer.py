@@ -223,15 +223,22 @@ def test_checkpoints_hold_no_pickle(reference):
     assert not any(word in source for word in ("import pickle", "torch.save(", "torch.load("))
 
 
+def _copy_run(reference, out, up_to: int) -> Path:
+    """``reference``'s checkpoints up to step ``up_to`` and its metrics, copied to ``out``; the last one's directory."""
+    for checkpoint in list_checkpoints(reference / "checkpoints"):
+        if int(checkpoint.name.split("-")[1]) <= up_to:
+            (out / "checkpoints" / checkpoint.name).mkdir(parents=True)
+            for f in checkpoint.iterdir():
+                (out / "checkpoints" / checkpoint.name / f.name).write_bytes(f.read_bytes())
+            last = out / "checkpoints" / checkpoint.name
+    (out / "metrics.jsonl").write_bytes((reference / "metrics.jsonl").read_bytes())
+    return last
+
+
 @pytest.mark.parametrize("resume_from", [4, 6, 8, 10])
 def test_resume_is_bit_identical(reference, tmp_path, resume_from):
     """Resume inside stage 1, at its end, inside the LoRA stage, and after the LoRA stage merged."""
-    for checkpoint in list_checkpoints(reference / "checkpoints"):
-        if int(checkpoint.name.split("-")[1]) <= resume_from:
-            (tmp_path / "checkpoints" / checkpoint.name).mkdir(parents=True)
-            for f in checkpoint.iterdir():
-                (tmp_path / "checkpoints" / checkpoint.name / f.name).write_bytes(f.read_bytes())
-    (tmp_path / "metrics.jsonl").write_bytes((reference / "metrics.jsonl").read_bytes())
+    _copy_run(reference, tmp_path, resume_from)
     torch.manual_seed(12345)  # resuming must not depend on the process's RNG
     trainer(TinyMM(), staged_config(tmp_path, keep_checkpoints=10)).train(resume=True)
     assert_identical(exported(tmp_path), exported(reference))
@@ -490,6 +497,21 @@ def test_gradient_checkpointing_with_lora(tmp_path):
     assert model.llm.is_gradient_checkpointing
     assert {n for n, _ in model.llm.named_parameters()} == set(llm_before)  # merged back into plain layers
     assert any(not torch.equal(p, llm_before[n]) for n, p in model.llm.named_parameters())
+
+
+def test_resumes_a_checkpoint_written_before_a_stage_setting_existed(reference, tmp_path):
+    state_file = _copy_run(reference, tmp_path, 8) / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    for stage in state["config"]["stages"]:
+        del stage["retrieved"]  # an earlier mmfuse had no such setting; its default is what that run did
+    state_file.write_text(json.dumps(state))
+    trainer(TinyMM(), staged_config(tmp_path, keep_checkpoints=10)).train(resume=True)
+    assert_identical(exported(tmp_path), exported(reference))
+    other = _copy_run(reference, tmp_path / "other", 8) / "trainer_state.json"
+    state["config"]["stages"][0]["retrieved"] = 2  # a setting that differs still refuses
+    other.write_text(json.dumps(state))
+    with pytest.raises(ValueError, match="other stages, seed or shuffle buffer"):
+        trainer(TinyMM(), staged_config(tmp_path / "other", keep_checkpoints=10)).train(resume=True)
 
 
 def test_refuses_to_overwrite_or_resume_a_different_run(reference):

@@ -464,6 +464,8 @@ class Trainer:
     def _read_position(self, checkpoint: Path) -> Position:
         state = load_json(checkpoint / STATE_FILE)
         saved = state["config"]
+        if "stages" in saved:  # filled with the defaults of stage settings added since it was written
+            saved = {**saved, "stages": [StageConfig.from_dict(stage).to_dict() for stage in saved["stages"]]}
         if any(saved.get(key, value) != value for key, value in self.config.to_dict().items() if key in ("stages", "seed", "shuffle_buffer")):
             raise ValueError(f"{checkpoint} was written by a run with other stages, seed or shuffle buffer; resume with that config")
         if state["num_processes"] != _process_state().num_processes:
