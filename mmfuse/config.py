@@ -158,7 +158,8 @@ class ConnectorConfig(JsonConfig):
     num_heads: int = 4
     hidden_size: int | None = None  # qformer width; defaults to the encoder width
     cross_attention_every: int = 2  # qformer: cross-attention in every n-th block (BLIP-2: 2)
-    positions_2d: bool = False  # qformer: Qwen-VL's 2-D sin-cos positions on queries and features (square grids)
+    # qformer: Qwen-VL's 2-D sin-cos positions on queries and features; perceiver: on each frame's features (square grids)
+    positions_2d: bool = False
     num_latents: int = 64  # perceiver: learned latents = tokens per item (Flamingo: 64)
     prefix_length: int = 10  # mapper: learned prefix constants = tokens per item (Pengi: 40)
     max_frames: int = 0  # perceiver / qformer: frame embeddings for up to this many video frames; 0 = none

@@ -83,6 +83,24 @@ def test_frame_embeddings_make_frame_order_matter():
         torch.testing.assert_close(with_frames(features, frames=3), with_frames(shuffled, frames=3))
 
 
+def test_positions_2d_make_the_place_of_a_token_in_its_frame_matter():
+    features = torch.randn(2, 2 * 4, 8)  # 2 frames of a 2x2 grid
+    moved = features.clone()
+    moved[:, :4] = moved[:, [3, 1, 0, 2]]  # frame 0's tokens at other grid cells
+    with torch.no_grad():
+        without = _resampler()
+        torch.testing.assert_close(without(features, frames=2), without(moved, frames=2))  # a set: order is lost
+        placed = _resampler(positions_2d=True)
+        placed.load_state_dict(without.state_dict())
+        assert not torch.allclose(placed(features, frames=2), placed(moved, frames=2), atol=1e-5)
+        swapped = _swap_frames(features, 2, 0, 1)  # the same grid in every frame: frames stay a set without frame embeddings
+        torch.testing.assert_close(placed(features, frames=2), placed(swapped, frames=2))
+    with pytest.raises(ValueError, match="perceiver positions_2d: 2-D positions need a square grid of tokens, got 3"):
+        placed(torch.randn(1, 6, 8), frames=2)
+    config = ConnectorConfig(kind="perceiver", num_latents=2, depth=1, num_heads=2, positions_2d=True)
+    assert Connector(config, 8, 6).core.positions_2d
+
+
 def test_bad_frames_raise():
     model = _resampler(max_frames=2)
     with pytest.raises(ValueError, match="7 feature tokens cannot be split into 2 frames"):

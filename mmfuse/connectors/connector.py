@@ -74,7 +74,7 @@ def build_core(cfg: ConnectorConfig, encoder_dim: int, llm_dim: int) -> nn.Modul
                                 positions_2d=cfg.positions_2d, max_frames=cfg.max_frames)
     if cfg.kind == "perceiver":
         return PerceiverResampler(encoder_dim, llm_dim, num_latents=cfg.num_latents, depth=cfg.depth, num_heads=cfg.num_heads,
-                                  max_frames=cfg.max_frames)
+                                  max_frames=cfg.max_frames, positions_2d=cfg.positions_2d)
     if cfg.kind == "mapper":
         return MappingNetwork(encoder_dim, llm_dim, prefix_length=cfg.prefix_length, depth=cfg.depth, num_heads=cfg.num_heads)
     if cfg.kind == "windows":

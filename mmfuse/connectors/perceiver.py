@@ -8,7 +8,10 @@ features, each item becomes ``num_latents`` tokens.
 
 For video, a learned embedding per frame index (``max_frames`` of them) is added to every token of
 that frame before the frames' tokens are flattened into one set; without frame embeddings the
-resampler cannot tell the frames apart (attention is invariant to the order of its keys).
+resampler cannot tell the frames apart (attention is invariant to the order of its keys). For the
+same reason it cannot tell where in a frame a token was unless the encoder's features say so;
+``positions_2d`` adds fixed 2-D sin-cos positions of each frame's square grid of tokens to the
+features (keys and values alike, so the latents carry where what they read was).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .frames import add_frame_embeddings, frame_embeddings
+from .qformer import sincos_2d
 
 
 class PerceiverAttention(nn.Module):
@@ -73,7 +77,7 @@ class PerceiverResampler(nn.Module):
 
     Works in the encoder width ``feature_dim``; ``head_dim`` defaults to ``feature_dim // num_heads``.
     ``max_frames`` > 0 adds a learned embedding per frame index (at most ``max_frames`` frames);
-    0 means no frame embeddings.
+    0 means no frame embeddings. ``positions_2d`` adds each token's 2-D grid position in its frame.
     """
 
     def __init__(
@@ -87,6 +91,7 @@ class PerceiverResampler(nn.Module):
         head_dim: int | None = None,
         ff_mult: int = 4,
         max_frames: int = 0,
+        positions_2d: bool = False,
     ):
         super().__init__()
         if num_latents < 1 or depth < 1 or num_heads < 1 or ff_mult < 1:
@@ -101,6 +106,7 @@ class PerceiverResampler(nn.Module):
         # embeddings are not drowned out and frames stay distinguishable from the first step
         self.latents = nn.Parameter(torch.randn(num_latents, feature_dim))
         self.frame_embeddings = frame_embeddings(max_frames, feature_dim)
+        self.positions_2d = positions_2d
         self.layers = nn.ModuleList(PerceiverLayer(feature_dim, num_heads, head_dim, ff_mult) for _ in range(depth))
         self.out_norm = nn.LayerNorm(feature_dim)
         # none when the output stays at the encoder width (Type-A: OpenFlamingo's resampler has no projection)
@@ -113,6 +119,12 @@ class PerceiverResampler(nn.Module):
             features = add_frame_embeddings(features, self.frame_embeddings, frames)
         except ValueError as err:
             raise ValueError(f"perceiver: {err}") from err
+        if self.positions_2d:
+            try:
+                grid = sincos_2d(features.shape[1] // frames, features.shape[2])
+            except ValueError as err:
+                raise ValueError(f"perceiver positions_2d: {err}") from err
+            features = features + grid.to(features).repeat(frames, 1)
         latents = self.latents.to(features.dtype).unsqueeze(0).expand(n, -1, -1)
         for layer in self.layers:
             latents = layer(features, latents)
