@@ -253,12 +253,17 @@ class MultimodalLM(nn.Module):
     def encode_media(self, media: dict[str, torch.Tensor], features: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         """modality -> ``(items, tokens, d_llm)``; a frozen encoder runs without autograd. A Type-D
         modality -> its codes ``(items, frames, codebooks)``. ``features``, when given, receives each
-        encoder's output before the connector ``(items, tokens, d_enc)``."""
+        encoder's output before the connector ``(items, tokens, d_enc)`` and each codec's continuous
+        features ``(items, frames, feature_dim)``."""
         out = {}
         for modality, inputs in media.items():
             if modality in self.codecs:
+                codec, inputs = self.codecs[modality], inputs.to(self._codec_dtype(modality))
                 with torch.no_grad():
-                    out[modality] = self.codecs[modality].encode(inputs.to(self._codec_dtype(modality)))
+                    if features is None:
+                        out[modality] = codec.encode(inputs)
+                    else:
+                        out[modality], features[modality] = codec.encode_with_features(inputs)
                 continue
             if modality not in self.encoders:
                 raise ValueError(f"batch has {modality} media but the model has no {modality} encoder")
@@ -293,7 +298,7 @@ class MultimodalLM(nn.Module):
         media = media or {}
         if not self.fusion.reads_features:
             return self.fusion.llm_inputs(self.llm, input_ids, self.encode_media(media))
-        features = {m: self.codecs[m].features(t.to(self._codec_dtype(m))) for m, t in media.items() if m in self.codecs}
+        features = {}
         encoded = self.encode_media(media, features)
         written = None if labels is None else labels != IGNORE_INDEX
         return self.fusion.llm_inputs(self.llm, input_ids, encoded, features=features, written=written)

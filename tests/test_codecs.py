@@ -90,6 +90,8 @@ def test_image_codec_round_trip_shapes(quantizer, size):
     assert images.shape == (3, 3, 48, 48) and images.dtype == torch.float32
     assert 0 <= images.min() and images.max() <= 1
     assert codec.decode(codes[:, torch.randperm(36)]).sub(images).abs().max() > 0  # codes carry position-wise content
+    both = codec.encode_with_features(pixels)
+    assert torch.equal(both[0], codes) and torch.equal(both[1], codec.features(pixels))
 
 
 def test_query_image_codec_round_trip_shapes_and_settings():
@@ -289,6 +291,8 @@ def test_semantic_codec_codes_are_nearest_centroids_and_decode_to_waves():
     codes = codec.encode(features)
     assert codes.shape == (2, 25, 1) and codes.dtype == torch.long and 0 <= codes.min() and codes.max() < 8
     assert codes[0, [3, 7, 1, 0, 12, 20, 5, 9], 0].tolist() == list(range(8))
+    both = codec.encode_with_features(features)
+    assert torch.equal(both[0], codes) and torch.equal(both[1], pooled)
     decoded = codec.decode(codes)
     assert decoded.shape == (2, 25 * 640) and -1 <= decoded.min() and decoded.max() <= 1
     with pytest.raises(ValueError, match=r"expected input_features items of shape \(16, 100\), got \(16, 80\)"):

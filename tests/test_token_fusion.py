@@ -176,7 +176,11 @@ def test_lavit_reads_prompt_images_as_features_and_writes_images_as_codes(tokeni
     model = MultimodalLM.from_config(token_config(tokenizer_dir, read="features")).eval()
     assert model.config.fusion.options["feature_dims"] == {"image": 8}  # the codec's latent width
     batch = model.collator()([model.processor(redraw_sample(media_dir))])
+    passes = []
+    hook = model.codecs["image"].encoder.register_forward_hook(lambda *_: passes.append(1))
     inputs = model.llm_inputs(batch["input_ids"], batch["media"], batch["labels"])
+    hook.remove()
+    assert len(passes) == 1  # codes and features from one pass of the codec's encoder
     placeholders = (batch["input_ids"][0] == PLACEHOLDER_IDS["image"]).nonzero().flatten()
     read, written = placeholders[:IMAGE_CODES], placeholders[IMAGE_CODES:]
     codec = model.codecs["image"]

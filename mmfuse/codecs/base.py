@@ -44,6 +44,11 @@ class MediaCodec(nn.Module):
         raise NotImplementedError(f"the {type(self).__name__} gives no continuous features; LaVIT-style reading "
                                   "(fusion.options.read: features) needs a codec that does, such as the image codec")
 
+    def encode_with_features(self, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`encode` and :meth:`features` of the same items (a codec whose codes quantize its
+        features computes them once)."""
+        return self.encode(inputs), self.features(inputs)
+
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
         """Codes ``(items, frames, num_codebooks)`` -> media (see the module docstring)."""
         raise NotImplementedError

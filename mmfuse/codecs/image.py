@@ -218,7 +218,10 @@ class ImageCodec(MediaCodec):
         (B, frames) and the quantizer's auxiliary loss (a scalar; zero for FSQ); frames are the cells
         or the bottleneck's queries. In training mode the VQ codebook follows the batch (EMA, dead-code
         replacement) unless ``freeze``."""
-        latents = self.latents(pixel_values)
+        return self.quantize_latents(self.latents(pixel_values), freeze)
+
+    def quantize_latents(self, latents: torch.Tensor, freeze: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """:meth:`quantize` from the encoder's latents (B, frames, latent_dim)."""
         if isinstance(self.quantizer, FSQ):
             quantized, codes = self.quantizer(latents)
             return quantized, codes.long(), latents.new_zeros(())
@@ -251,6 +254,12 @@ class ImageCodec(MediaCodec):
         """Pixel values (items, 3, H, W) from :meth:`processor` -> codes (items, frames, 1); never
         changes the codebook, whatever the module's mode."""
         return self.quantize(inputs, freeze=True)[1].unsqueeze(-1)
+
+    @torch.no_grad()
+    def encode_with_features(self, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`encode` and :meth:`features` from one encoder pass."""
+        latents = self.latents(inputs)
+        return self.quantize_latents(latents, freeze=True)[1].unsqueeze(-1), latents
 
     @torch.no_grad()
     def decode(self, codes: torch.Tensor) -> torch.Tensor:

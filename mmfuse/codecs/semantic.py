@@ -117,8 +117,12 @@ class SemanticAudioCodec(MediaCodec):
     @torch.no_grad()
     def encode(self, inputs: torch.Tensor) -> torch.Tensor:
         """Log-mel features (items, mel, 2P) -> codes (items, P / pool, 1): each pooled frame's nearest centroid."""
+        return self.encode_with_features(inputs)[0]
+
+    @torch.no_grad()
+    def encode_with_features(self, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         features = self.features(inputs)
-        return torch.cdist(features, self.centroids.expand(len(features), -1, -1)).argmin(-1, keepdim=True)
+        return torch.cdist(features, self.centroids.expand(len(features), -1, -1)).argmin(-1, keepdim=True), features
 
     def decode_spectrogram(self, codes: torch.Tensor) -> torch.Tensor:
         """Codes (B, F, 1) -> log-magnitudes (B, bins, F * stride)."""
