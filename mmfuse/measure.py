@@ -114,6 +114,7 @@ def with_modality(config: MultimodalConfig, additions: dict[str, Any]) -> Multim
     for section, entry in additions.items():
         getattr(out, section)[modality] = copy.deepcopy(entry)
     out.fusion.options.pop("codebooks", None)
+    out.fusion.options.pop("code_start", None)  # a shared vocabulary finds room for the new codes again
     return out
 
 
@@ -124,10 +125,14 @@ def _modality(additions: dict[str, Any]) -> str:
 def adds_modality(model: MultimodalLM, additions: dict[str, Any]) -> dict[str, Any]:
     """What adding a modality to ``model`` costs (``additions`` as :func:`with_modality` takes them):
     parameters by component (the grown model is built and counted) and the recipe lines a user adds
-    (the new config entries, defaults left out)."""
+    (the new config entries, defaults left out); ``{"modality", "error"}`` when the grown model cannot
+    be built (its ValueError)."""
     after_config, modality = with_modality(model.config, additions), _modality(additions)
-    with torch.random.fork_rng(devices=[]):
-        after = MultimodalLM.from_config(after_config)
+    try:
+        with torch.random.fork_rng(devices=[]):
+            after = MultimodalLM.from_config(after_config)
+    except ValueError as err:  # the design cannot take it (a shared vocabulary with no room for the new codes)
+        return {"modality": modality, "error": str(err)}
     before, grown = parameter_summary(model), parameter_summary(after)
     snippet = yaml.safe_dump(
         {section: {modality: _non_default(entry, keep=("modality", "kind"))} for section, entry in additions.items()},

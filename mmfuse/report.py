@@ -110,6 +110,7 @@ AXES: list[tuple[str, str, Callable[[Record], str], Callable[[list[Record]], tup
         "C easy and modular: add an encoder + connector, keep the LLM; A and B need new modules inside the LLM; "
         "D: extend the vocabulary, and train a tokenizer for the modality",
         lambda r: "has every world modality" if r["adds_modality"] is None else (
+                  f"+{r['adds_modality']['modality']}: cannot ({r['adds_modality']['error']})" if "error" in r["adds_modality"] else
                   f"+{r['adds_modality']['modality']}: {_fmt_params(r['adds_modality']['new_params'])} new params "
                   f"({_fmt_params(r['adds_modality']['new_params_by_component']['fusion'])} inside the LLM), "
                   f"LLM weights {'changed' if r['adds_modality']['llm_params_changed'] else 'unchanged'}, "
@@ -141,7 +142,7 @@ def _complexity_verdict(records: list[Record]) -> tuple[str, str]:
 
 
 def _adding_verdict(records: list[Record]) -> tuple[str, str]:
-    ok = [r for r in _ok(records) if r["adds_modality"] is not None]
+    ok = [r for r in _ok(records) if r["adds_modality"] is not None and "error" not in r["adds_modality"]]
     c = [r for r in ok if r["survey_type"] == "C"]
     deep = [r for r in ok if r["survey_type"] in ("A", "B")]
     if not c:

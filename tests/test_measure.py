@@ -10,7 +10,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from conftest import TINY_WHISPER, tiny_config
 
 from mmfuse.compare import budget_stages
-from mmfuse.config import ConnectorConfig, EncoderConfig
+from mmfuse.config import CodecConfig, ConnectorConfig, EncoderConfig, FusionConfig
 from mmfuse.data.schema import Message, Sample
 from mmfuse.measure import adds_modality, media_token_cost, parameter_summary, train_flops, trainable_parameters
 from mmfuse.model import MultimodalLM
@@ -68,6 +68,20 @@ def test_adds_modality_counts_the_new_encoder_and_connector(tokenizer_dir):
     assert "pool_stride: 2" in added["config_added"] and added["config_lines"] == len(added["config_added"].splitlines())
     with pytest.raises(ValueError, match="already reads"):
         adds_modality(model, {"encoders": EncoderConfig(modality="image"), "connectors": ConnectorConfig()})
+
+
+def test_adding_a_codec_to_a_shared_vocabulary_needs_room_among_the_text_ids(tokenizer_dir):
+    image = CodecConfig(modality="image", settings={"kind": "image", "quantizer": "vq", "image_size": 16, "downsample": 4,
+                                                    "widths": [16, 16], "latent_dim": 8, "codebook_size": 16, "codebook_dim": 4})
+    config = tiny_config(tokenizer_dir, image=None, fusion=FusionConfig(type="D", options={"vocabulary": "shared"}), codecs={"image": image})
+    model = MultimodalLM.from_config(config)
+    audio = {"kind": "audio", "n_fft": 256, "hop": 128, "stride": 2, "width": 16, "dim": 8, "griffin_lim_iterations": 4}
+    fits = adds_modality(model, {"codecs": CodecConfig(modality="audio", settings={**audio, "num_quantizers": 2, "codebook_size": 16})})
+    width = model.llm.get_input_embeddings().embedding_dim
+    rows = 2 if model.llm.get_output_embeddings().weight is model.llm.get_input_embeddings().weight else 4
+    assert fits["new_params_by_component"]["llm"] == rows * width  # its begin and end rows; the codes are text ids
+    too_many = adds_modality(model, {"codecs": CodecConfig(modality="audio", settings={**audio, "num_quantizers": 4, "codebook_size": 256})})
+    assert too_many["modality"] == "audio" and "no block of 1024 text ids" in too_many["error"]
 
 
 def test_trainable_parameters_is_the_union_over_stages(tokenizer_dir):
