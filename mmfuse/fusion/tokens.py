@@ -128,6 +128,11 @@ class QKNorm(nn.Module):
         return torch.addcmul(self.bias, normed, self.weight).flatten(-2)  # one fused op for the affine part
 
 
+def _normalise(norm: QKNorm, module: nn.Module, args, output: torch.Tensor) -> torch.Tensor:
+    """Forward hook on a query or key projection: its output through ``norm``."""
+    return norm(output)
+
+
 class TokenFusion(FusionStrategy):
     """Options: ``loss`` "all" (media codes are learned wherever the text around them is, so the model
     can generate media) or "text" (codes are read, never learned); ``init`` of the new rows: "mean"
@@ -211,13 +216,9 @@ class TokenFusion(FusionStrategy):
                 attention = attention_module(layer)
                 kv_heads = attention.k_proj.out_features // attention.head_dim
                 for projection, n in ((attention.q_proj, heads), (attention.k_proj, kv_heads)):
-                    # a partial of a bound method, not a closure: a deep copy of the model rebinds it to the copy
-                    projection.register_forward_hook(functools.partial(self._normalise, len(self.qk_norms)))
                     self.qk_norms.append(QKNorm(n, attention.head_dim))
-
-    def _normalise(self, index: int, module: nn.Module, args, output: torch.Tensor) -> torch.Tensor:
-        """Forward hook on a query or key projection: its output through qk-norm ``index``."""
-        return self.qk_norms[index](output)
+                    # a partial holding the norm, not a closure: a deep copy of the model copies it with the norm
+                    projection.register_forward_hook(functools.partial(_normalise, self.qk_norms[-1]))
 
     def media_ids(self, input_ids: torch.Tensor, media: dict[str, torch.Tensor]) -> torch.Tensor:
         """``input_ids`` with each modality's codes ``(items, frames, codebooks)`` written, as vocabulary
