@@ -183,7 +183,8 @@ def load_audio(item: Any, rate: int, sample_id: str = "?", index: int = 0) -> np
         wave, source_rate = item, rate
     else:
         wave, source_rate = _read_audio(item, sample_id, field)
-        wave = wave.mean(axis=1)
+        with np.errstate(invalid="ignore", over="ignore"):  # a corrupt file's inf/NaN samples: refused just below
+            wave = wave.mean(axis=1)
     source_rate = _checked_rate(source_rate, sample_id, field)
     try:
         wave = np.asarray(wave, dtype=np.float32)
