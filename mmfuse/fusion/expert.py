@@ -39,7 +39,7 @@ from torch import nn
 from .base import FusionStrategy
 from .embedding import PLACEHOLDER_IDS, splice_media
 from .layers import attention_module, decoder_layers, feed_forward
-from .markers import MediaMarkers, init_std
+from .markers import MediaMarkers, init_std, run_starts
 
 BOI_IDS = {"image": -310, "audio": -311, "video": -312}
 EOI_IDS = {"image": -320, "audio": -321, "video": -322}
@@ -184,8 +184,8 @@ class RoutedExpertFusion(FusionStrategy):
             routes[modality] = placeholder | boi[modality] if self.boundary_tokens else placeholder
             is_media |= placeholder
             if self.shared_position:
-                collapsed |= placeholder & nn.functional.pad(placeholder, (1, 0))[:, :-1]  # not the item's first
-        first = is_media & ~nn.functional.pad(is_media, (1, 0))[:, :-1]
+                collapsed |= placeholder & ~run_starts(placeholder)  # not the item's first
+        first = run_starts(is_media)
         items = first.long().cumsum(dim=1) * is_media
         return {"inputs_embeds": embeds, "expert_context": ExpertContext(routes, collapsed, items)}
 

@@ -55,3 +55,9 @@ def check_item_counts(masks: dict[str, torch.Tensor], media: dict[str, torch.Ten
         if n_markers != n_items:
             raise ValueError(f"{modality}: the batch has {n_markers} media markers but {n_items} encoded items")
     return counts
+
+
+def run_starts(mask: torch.Tensor) -> torch.Tensor:
+    """``(B, L)`` bool -> True at the first position of each run of True (an item's first position
+    when its positions are contiguous)."""
+    return mask & ~nn.functional.pad(mask, (1, 0))[:, :-1]

@@ -22,6 +22,7 @@ from torch import nn
 
 from .base import FusionStrategy
 from .cross_attention import CrossAttentionFusion
+from .markers import run_starts
 
 
 class WithCrossAttention(FusionStrategy):
@@ -54,8 +55,7 @@ class WithCrossAttention(FusionStrategy):
         first token of its layout begins)."""
         starts = {}
         for modality in self.feature_dims:
-            first = input_ids == self.main.layout(modality, 1)[0]
-            starts[modality] = first & ~nn.functional.pad(first, (1, 0))[:, :-1]
+            starts[modality] = run_starts(input_ids == self.main.layout(modality, 1)[0])
         return starts
 
     def llm_inputs(self, llm, input_ids, media, features=None, written=None):
