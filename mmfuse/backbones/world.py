@@ -31,14 +31,14 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ..codecs import pretrain_audio_codec, pretrain_image_codec, pretrain_semantic_audio
 from ..codecs.image import DEFAULT_STEPS as DEFAULT_IMAGE_CODEC_STEPS
-from ..fusion.tokens import shared_code_start
 from ..data.synth.heldout import event_allowed, shape_allowed
+from ..fusion.tokens import shared_code_start
 from .world_acoustic import pretrain_acoustic_encoder
 from .world_audio import pretrain_audio_encoder
 from .world_llm import pretrain_llm
