@@ -108,6 +108,11 @@ class MultimodalLM(nn.Module):
             dims = {m: codec.feature_dim for m, codec in self.codecs.items()}
             if options.setdefault("feature_dims", dims) != dims:
                 raise ValueError(f"fusion.options.feature_dims {options['feature_dims']} do not match the codecs' {dims}")
+        if options.get("write") == "features":
+            unable = [m for m, codec in self.codecs.items() if type(codec).quantize_features is MediaCodec.quantize_features]
+            if unable:
+                raise ValueError(f"fusion.options.write 'features': the {unable} codec(s) cannot quantize regressed features "
+                                 f"back to codes, so what the model writes could not be decoded")
 
     # -- construction ---------------------------------------------------------------------------
     @classmethod
@@ -321,9 +326,20 @@ class MultimodalLM(nn.Module):
             labels = self.fusion.labels(labels, inputs)
         if num_items_in_batch is not None:
             llm_kwargs["num_items_in_batch"] = num_items_in_batch
+        targets = inputs.pop("feature_targets", None)  # VL-GPT: features regressed where the model writes an item
         if "inputs_embeds" in inputs:  # the ids were for the labels; the LLM reads the embeddings
             inputs = {k: v for k, v in inputs.items() if k != "input_ids"}
+        if targets:
+            llm_kwargs["output_hidden_states"] = True
         output = self.llm(attention_mask=attention_mask, labels=labels, **inputs, **llm_kwargs)
+        if targets and output.loss is not None:  # each written position weighs as one labelled token
+            regression = self.fusion.regression_loss(output.hidden_states[-1], targets)
+            if num_items_in_batch is not None:  # the LM loss is already a sum over num_items_in_batch
+                output.loss = output.loss + regression / num_items_in_batch
+            else:
+                text = (labels[:, 1:] != IGNORE_INDEX).sum()
+                written = sum(int(mask.sum()) for mask, _ in targets.values())
+                output.loss = ((output.loss * text if text else 0) + regression) / (text + written)
         auxiliary = self.fusion.auxiliary_loss()
         if output.loss is not None and auxiliary is not None:
             if num_items_in_batch is not None:
@@ -347,6 +363,11 @@ class MultimodalLM(nn.Module):
         unknown = sorted(set(outputs) - set(self.fusion.output_modalities))
         if unknown or not outputs:
             raise ValueError(f"outputs {list(outputs)}: this model generates {list(self.fusion.output_modalities)}")
+        if getattr(self.fusion, "writes_features", False) and outputs != ("text",):
+            if len(outputs) != 1:
+                raise ValueError(f"outputs {list(outputs)}: a model that writes features (VL-GPT) generates text, or one "
+                                 f"media item as the whole reply")
+            return self._write_features(input_ids, attention_mask, media, outputs[0], **generate_kwargs)
         generate_kwargs.setdefault("eos_token_id", self.processor.stop_token_ids)
         generate_kwargs.setdefault("pad_token_id", self.tokenizer.pad_token_id)
         forced = None
@@ -369,6 +390,35 @@ class MultimodalLM(nn.Module):
         if "input_ids" in inputs:  # transformers returns the prompt too when it was given as ids
             tokens = tokens[:, inputs["input_ids"].shape[1]:]
         return tokens if forced is None else torch.cat([forced, tokens], dim=1)
+
+    def _write_features(self, input_ids, attention_mask, media, modality: str, max_new_tokens: int | None = None,
+                        do_sample: bool = False, **unsupported) -> torch.Tensor:
+        """VL-GPT's image generation: ``(B, span + 2)`` ids, the begin token, the codes of the item and its
+        end token. After the begin token the regression head's output at the last position is the next
+        position's features, fed back through the read projection (KV cache kept); the codec quantizes the
+        ``span`` regressed vectors to codes. Deterministic; ``max_new_tokens`` cuts the ids, as ``generate`` would."""
+        unsupported = {k: v for k, v in unsupported.items() if k not in ("eos_token_id", "pad_token_id")}
+        if do_sample or unsupported:
+            raise ValueError(f"a model that writes features (VL-GPT) regresses an item's features deterministically; "
+                             f"it takes max_new_tokens only, got {sorted(unsupported) + ['do_sample'] * do_sample}")
+        vocab, span = self.fusion.vocabularies[modality], self.span_length(modality)
+        begin = input_ids.new_full((input_ids.shape[0], 1), vocab.begin)
+        inputs = self.llm_inputs(torch.cat([input_ids, begin], dim=1), media)
+        mask = torch.ones_like(inputs["input_ids"]) if attention_mask is None else torch.cat([attention_mask, torch.ones_like(begin)], 1)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)  # left padding: each row counts from its first token
+        step = self.llm(inputs_embeds=inputs["inputs_embeds"], attention_mask=mask, position_ids=positions,
+                        use_cache=True, output_hidden_states=True)
+        regressed = []
+        for index in range(span):
+            regressed.append(self.fusion.regression_heads[modality](step.hidden_states[-1][:, -1]))  # (B, feature_dim)
+            if index + 1 < span:
+                mask, positions = torch.cat([mask, torch.ones_like(begin)], 1), positions[:, -1:] + 1
+                embeds = self.fusion.read_projections[modality](regressed[-1]).unsqueeze(1)
+                step = self.llm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
+                                past_key_values=step.past_key_values, use_cache=True, output_hidden_states=True)
+        codes = self.codecs[modality].quantize_features(torch.stack(regressed, 1).to(self._codec_dtype(modality)))
+        ids = torch.cat([begin, vocab.code_ids(codes), torch.full_like(begin, vocab.end)], dim=1)
+        return ids if max_new_tokens is None else ids[:, :max_new_tokens]
 
     def span_length(self, modality: str) -> int:
         """Tokens between a generated item's begin and end tokens: one image at the processor's size,

@@ -119,12 +119,13 @@ def test_builtin_recipes_load_with_their_survey_type():
     assert qwen_vl.model.connectors["image"].positions_2d and "encoders" not in qwen_vl.train.stages[-1].train
     assert load_recipe("minigpt4").train.stages[-1].train == ["connectors.image.core.proj"]  # one linear layer
     tokenized = {"chameleon": ["image"], "teal": ["image"], "anygpt": ["image", "audio"], "audiopalm": ["audio"], "seed": ["image"],
-                 "lavit": ["image"], "cm3leon": ["image"], "unicode": ["image"]}
+                 "lavit": ["image"], "cm3leon": ["image"], "unicode": ["image"], "vl-gpt": ["image"]}
     for name, modalities in tokenized.items():
         recipe = load_recipe(name)
         assert recipe.survey_type == "D" and list(recipe.model.codecs) == modalities and not recipe.model.encoders
     assert load_recipe("seed").model.codecs["image"].name_or_path == "world:query_image_codec"  # learned-query codes
     assert load_recipe("lavit").model.fusion.options["read"] == "features"  # understands from features, writes codes
+    assert load_recipe("vl-gpt").model.fusion.options["write"] == "features"  # regresses the embeddings it writes
     assert load_recipe("cm3leon").train.stages[-1].retrieved == 2  # retrieval-augmented training
     unicode = load_recipe("unicode")  # image codes are text ids of the LLM's own vocabulary
     assert unicode.model.fusion.options["vocabulary"] == "shared"

@@ -49,6 +49,12 @@ class MediaCodec(nn.Module):
         features computes them once)."""
         return self.encode(inputs), self.features(inputs)
 
+    def quantize_features(self, features: torch.Tensor) -> torch.Tensor:
+        """Continuous features ``(items, frames, feature_dim)``, e.g. an LLM's regression of them (VL-GPT)
+        -> the codes they quantize to ``(items, frames, num_codebooks)``."""
+        raise NotImplementedError(f"the {type(self).__name__} cannot quantize features back to codes; writing features "
+                                  "(fusion.options.write: features) needs a codec that can, such as the image codec")
+
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
         """Codes ``(items, frames, num_codebooks)`` -> media (see the module docstring)."""
         raise NotImplementedError

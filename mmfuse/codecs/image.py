@@ -253,13 +253,18 @@ class ImageCodec(MediaCodec):
     def encode(self, inputs: torch.Tensor) -> torch.Tensor:
         """Pixel values (items, 3, H, W) from :meth:`processor` -> codes (items, frames, 1); never
         changes the codebook, whatever the module's mode."""
-        return self.quantize(inputs, freeze=True)[1].unsqueeze(-1)
+        return self.quantize_features(self.latents(inputs))
 
     @torch.no_grad()
     def encode_with_features(self, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """:meth:`encode` and :meth:`features` from one encoder pass."""
         latents = self.latents(inputs)
-        return self.quantize_latents(latents, freeze=True)[1].unsqueeze(-1), latents
+        return self.quantize_features(latents), latents
+
+    @torch.no_grad()
+    def quantize_features(self, features: torch.Tensor) -> torch.Tensor:
+        """Latents (items, frames, latent_dim), e.g. regressed by an LLM -> their codes (items, frames, 1)."""
+        return self.quantize_latents(features, freeze=True)[1].unsqueeze(-1)
 
     @torch.no_grad()
     def decode(self, codes: torch.Tensor) -> torch.Tensor:

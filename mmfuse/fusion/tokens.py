@@ -18,6 +18,13 @@ quantises images to words' vectors.
 prompt's image) enters as the codec's continuous features before quantization, through a linear
 projection (LaVIT's ``vit_proj``), while an item the model writes (inside the loss, or generated)
 stays code ids, the generation targets.
+
+``write: features`` (with ``read: features``) is VL-GPT: every item, read or written, enters as its
+projected continuous features, and at the positions of an item the model writes, a regression head on
+the LLM's last hidden state predicts the next position's features (an L2 loss, ``regression_weight``
+times, beside the LM loss of the text and the end token). Generating an item regresses its features one
+position at a time, each fed back through the read projection, and the codec quantizes them to codes,
+so a generated item leaves ``generate`` as ids like any other.
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..config import MODALITIES
+from ..data.processor import IGNORE_INDEX
 from .base import FusionStrategy
 from .embedding import PLACEHOLDER_IDS
 from .layers import attention_heads, attention_module, decoder_layers
@@ -37,6 +45,7 @@ from .layers import attention_heads, attention_module, decoder_layers
 INITIALISATIONS = ("mean", "random")
 LOSSES = ("all", "text")
 READS = ("codes", "features")
+WRITES = ("codes", "features")
 VOCABULARIES = ("extended", "shared")
 
 
@@ -128,9 +137,10 @@ class QKNorm(nn.Module):
         return torch.addcmul(self.bias, normed, self.weight).flatten(-2)  # one fused op for the affine part
 
 
-def _normalise(norm: QKNorm, module: nn.Module, args, output: torch.Tensor) -> torch.Tensor:
-    """Forward hook on a query or key projection: its output through ``norm``."""
-    return norm(output)
+def _normalised_projection(projection: nn.Module, norm: QKNorm, x: torch.Tensor) -> torch.Tensor:
+    """A query or key projection's own forward, then ``norm``: set as the projection's ``forward``, so the
+    norm runs inline as in Chameleon's attention, without the forward-hook path on every decode step."""
+    return norm.forward(type(projection).forward(projection, x))
 
 
 class TokenFusion(FusionStrategy):
@@ -140,7 +150,8 @@ class TokenFusion(FusionStrategy):
     (the LLM's initializer); ``qk_norm`` (Chameleon: LayerNorm on queries and keys per head; it changes
     the LLM's function, so it is for training from scratch); ``generation_seconds``: the length of an
     audio item the model generates; ``read``: "codes" (every item is read as its code ids) or
-    "features" (LaVIT; see the module docstring); ``vocabulary``: "extended" (new rows for the codes) or
+    "features" (LaVIT; see the module docstring); ``write``: "codes" (a written item is learned and
+    generated as code ids) or "features" (VL-GPT: regressed, with ``regression_weight`` on its loss); ``vocabulary``: "extended" (new rows for the codes) or
     "shared" (UniCode: the codes are text ids from ``code_start``). ``text_vocab_size``, ``codebooks``,
     ``code_start`` (shared) and, when reading features, ``feature_dims`` (modality -> the codec's
     feature width) are filled in by the model from the LLM, its tokenizer and the codecs."""
@@ -149,7 +160,8 @@ class TokenFusion(FusionStrategy):
 
     def __init__(self, text_vocab_size: int, codebooks: dict[str, list[int]], loss: str = "all", init: str = "mean",
                  qk_norm: bool = False, generation_seconds: float = 2.0, read: str = "codes",
-                 feature_dims: dict[str, int] | None = None, vocabulary: str = "extended", code_start: int | None = None):
+                 feature_dims: dict[str, int] | None = None, vocabulary: str = "extended", code_start: int | None = None,
+                 write: str = "codes", regression_weight: float = 1.0):
         super().__init__()
         if vocabulary not in VOCABULARIES:
             raise ValueError(f"fusion.options.vocabulary must be one of {VOCABULARIES}, got {vocabulary!r}")
@@ -158,6 +170,11 @@ class TokenFusion(FusionStrategy):
                              f"vocabulary 'shared' only (vocabulary {vocabulary!r}, code_start {code_start!r})")
         if read not in READS:
             raise ValueError(f"fusion.options.read must be one of {READS}, got {read!r}")
+        if write not in WRITES:
+            raise ValueError(f"fusion.options.write must be one of {WRITES}, got {write!r}")
+        if write == "features" and (read != "features" or loss != "all"):
+            raise ValueError(f"fusion.options.write 'features' (VL-GPT) regresses the features the model reads: it needs "
+                             f"read 'features' and loss 'all', got read {read!r} and loss {loss!r}")
         if loss not in LOSSES:
             raise ValueError(f"fusion.options.loss must be one of {LOSSES}, got {loss!r}")
         if init not in INITIALISATIONS:
@@ -177,6 +194,9 @@ class TokenFusion(FusionStrategy):
         self.reads_features = read == "features"
         self.feature_dims = dict(feature_dims or {})
         self.read_projections = nn.ModuleDict()
+        self.writes_features = write == "features"
+        self.regression_weight = regression_weight
+        self.regression_heads = nn.ModuleDict()
 
     @property
     def vocab_size(self) -> int:
@@ -209,7 +229,10 @@ class TokenFusion(FusionStrategy):
                     raise ValueError(f"fusion.options.read 'features' needs single-codebook codecs with continuous features; "
                                      f"the {modality} codec has {vocab.num_codebooks} codebooks and feature width "
                                      f"{self.feature_dims.get(modality, 0)}")
-                self.read_projections[modality] = nn.Linear(self.feature_dims[modality], llm.get_input_embeddings().embedding_dim)
+                width = llm.get_input_embeddings().embedding_dim
+                self.read_projections[modality] = nn.Linear(self.feature_dims[modality], width)
+                if self.writes_features:
+                    self.regression_heads[modality] = nn.Linear(width, self.feature_dims[modality])
         if self.qk_norm:
             heads = attention_heads(llm)
             for layer in decoder_layers(llm):
@@ -217,8 +240,8 @@ class TokenFusion(FusionStrategy):
                 kv_heads = attention.k_proj.out_features // attention.head_dim
                 for projection, n in ((attention.q_proj, heads), (attention.k_proj, kv_heads)):
                     self.qk_norms.append(QKNorm(n, attention.head_dim))
-                    # a partial holding the norm, not a closure: a deep copy of the model copies it with the norm
-                    projection.register_forward_hook(functools.partial(_normalise, self.qk_norms[-1]))
+                    # a partial, not a closure: a deep copy of the model copies it with the projection and the norm
+                    projection.forward = functools.partial(_normalised_projection, projection, self.qk_norms[-1])
 
     def media_ids(self, input_ids: torch.Tensor, media: dict[str, torch.Tensor]) -> torch.Tensor:
         """``input_ids`` with each modality's codes ``(items, frames, codebooks)`` written, as vocabulary
@@ -241,21 +264,38 @@ class TokenFusion(FusionStrategy):
         Reading features (LaVIT) it also gives ``"inputs_embeds" (B, L, d)``, what the LLM reads, where
         the positions of the items not ``written`` (a ``(B, L)`` bool mask; None: every item is read)
         hold ``features`` (modality -> ``(items, frames, feature_dim)``, items in marker order) projected;
-        the ids stay for the labels and for constrained decoding."""
+        the ids stay for the labels and for constrained decoding. Writing features (VL-GPT) every item is
+        read as features, and ``"feature_targets"`` holds, per modality with written positions, their
+        ``(B, L)`` mask and the ``(n, feature_dim)`` features there (for :meth:`regression_loss`)."""
         ids = self.media_ids(input_ids, media)
         if not self.reads_features:
             return {"input_ids": ids}
         embeds = llm.get_input_embeddings()(ids)
+        targets = {}
         for modality, projection in self.read_projections.items():
             positions = input_ids == PLACEHOLDER_IDS[modality]
             if modality not in (features or {}) or not positions.any():
                 continue
-            read = positions if written is None else positions & ~written
-            projected = projection(features[modality].to(projection.weight.dtype)).flatten(0, 1)  # one row per position
-            embeds = embeds.masked_scatter(read.unsqueeze(-1), projected[read[positions]].to(embeds.dtype))
-        return {"input_ids": ids, "inputs_embeds": embeds}
+            rows = features[modality].flatten(0, 1)  # one row per position, in position order
+            read = positions if written is None or self.writes_features else positions & ~written
+            embeds = embeds.masked_scatter(read.unsqueeze(-1), projection(rows[read[positions]].to(projection.weight.dtype)).to(embeds.dtype))
+            if self.writes_features and written is not None and (positions & written).any():
+                targets[modality] = (positions & written, rows[written[positions]])
+        return {"input_ids": ids, "inputs_embeds": embeds, **({"feature_targets": targets} if targets else {})}
+
+    def regression_loss(self, hidden: torch.Tensor, targets: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        """VL-GPT's L2 loss, summed over the written positions like the LM loss over its tokens: the
+        regression head on the last hidden state ``hidden`` ``(B, L, d)`` at each position predicts the
+        features at the next one, where ``targets`` (``llm_inputs``'s ``"feature_targets"``) has them;
+        each position adds ``regression_weight`` times its mean squared error over the features."""
+        total = hidden.new_zeros((), dtype=torch.float32)
+        for modality, (mask, values) in targets.items():
+            predicted = self.regression_heads[modality](hidden[:, :-1][mask[:, 1:]])  # a position 0 is never a code
+            total = total + F.mse_loss(predicted.float(), values.float(), reduction="none").mean(-1).sum()
+        return self.regression_weight * total
 
     def labels(self, labels: torch.Tensor, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Labels with the placeholder positions the processor labelled set to the codes read there."""
+        """Labels with the placeholder positions the processor labelled set to the codes read there (to
+        the ignore index when the features there are regressed instead)."""
         placeholders = torch.isin(labels, torch.tensor(list(PLACEHOLDER_IDS.values()), device=labels.device))
-        return torch.where(placeholders, inputs["input_ids"], labels)
+        return torch.where(placeholders, IGNORE_INDEX if self.writes_features else inputs["input_ids"], labels)
