@@ -106,6 +106,10 @@ class MultimodalLM(nn.Module):
                                  f"codes {'were trained as' if declared else 'fit as'} text ids")
         if options.get("read") == "features":
             dims = {m: codec.feature_dim for m, codec in self.codecs.items()}
+            featureless = sorted(m for m, dim in dims.items() if not dim)
+            if featureless:
+                raise ValueError(f"fusion.options.read 'features': the {featureless} codec(s) give no continuous features "
+                                 f"to read; LaVIT-style reading needs codecs that do, such as the image codec")
             if options.setdefault("feature_dims", dims) != dims:
                 raise ValueError(f"fusion.options.feature_dims {options['feature_dims']} do not match the codecs' {dims}")
         if options.get("write") == "features":

@@ -15,6 +15,7 @@ from mmfuse.config import CodecConfig, FusionConfig
 from mmfuse.data.processor import IGNORE_INDEX
 from mmfuse.data.schema import Message, Sample
 from mmfuse.fusion.embedding import PLACEHOLDER_IDS
+from mmfuse.measure import adds_modality
 from mmfuse.model import MultimodalLM
 from mmfuse.train.config import StageConfig
 from mmfuse.train.stage import apply_stage
@@ -145,11 +146,15 @@ def test_training_on_one_drawing_makes_generation_draw_it(tokenizer_dir, media_d
     assert (codes.flatten() == target.flatten()).float().mean() >= 0.9
 
 
-def test_writing_features_needs_read_features_and_a_codec_that_quantizes_them(tokenizer_dir, monkeypatch):
+def test_writing_features_needs_read_features_and_codecs_with_features_that_quantize_back(tokenizer_dir, monkeypatch):
     with pytest.raises(ValueError, match="needs read 'features'"):
         vl_gpt(tokenizer_dir, read="codes")
     with pytest.raises(ValueError, match="write must be one of"):
         vl_gpt(tokenizer_dir, write="pixels")
+    audio = CodecConfig(modality="audio", settings={"kind": "audio", "n_fft": 256, "hop": 128, "stride": 2, "width": 16, "dim": 8,
+                                                    "num_quantizers": 1, "codebook_size": 16})
+    added = adds_modality(vl_gpt(tokenizer_dir), {"codecs": audio})  # a sound codec added to a VL-GPT (or LaVIT) model
+    assert added["modality"] == "audio" and "['audio'] codec(s) give no continuous features" in added["error"]
     monkeypatch.setattr(ImageCodec, "quantize_features", MediaCodec.quantize_features)
     with pytest.raises(ValueError, match="cannot quantize regressed features"):
         vl_gpt(tokenizer_dir)
