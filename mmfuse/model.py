@@ -419,7 +419,7 @@ class MultimodalLM(nn.Module):
                 mask, positions = torch.cat([mask, torch.ones_like(begin)], 1), positions[:, -1:] + 1
                 embeds = self.fusion.read_projections[modality](regressed[-1]).unsqueeze(1)
                 step = self.llm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
-                                past_key_values=step.past_key_values, use_cache=True, output_hidden_states=True)
+                                cache=step.cache, use_cache=True, output_hidden_states=True)
         codes = self.codecs[modality].quantize_features(torch.stack(regressed, 1).to(self._codec_dtype(modality)))
         ids = torch.cat([begin, vocab.code_ids(codes), torch.full_like(begin, vocab.end)], dim=1)
         return ids if max_new_tokens is None else ids[:, :max_new_tokens]

@@ -61,7 +61,7 @@ def test_written_items_are_read_as_features_and_regressed_one_position_ahead(tok
     with torch.no_grad():
         out = model.llm(inputs_embeds=inputs["inputs_embeds"], attention_mask=batch["attention_mask"], output_hidden_states=True)
         hidden = out.hidden_states[-1][0]
-        squared = F.mse_loss(model.fusion.regression_heads["image"](hidden[written - 1]), features[1], reduction="none").mean(-1).sum()
+        squared = F.mse_loss(model.fusion.regression_heads["image"](hidden[written - 1]), features[1], reduction="none").sum()
         shifted = labels[0, 1:]
         text_sum = F.cross_entropy(out.logits[0, :-1], shifted, ignore_index=IGNORE_INDEX, reduction="sum")
         text = (shifted != IGNORE_INDEX).sum()

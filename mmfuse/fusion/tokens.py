@@ -287,11 +287,11 @@ class TokenFusion(FusionStrategy):
         """VL-GPT's L2 loss, summed over the written positions like the LM loss over its tokens: the
         regression head on the last hidden state ``hidden`` ``(B, L, d)`` at each position predicts the
         features at the next one, where ``targets`` (``llm_inputs``'s ``"feature_targets"``) has them;
-        each position adds ``regression_weight`` times its mean squared error over the features."""
+        each position adds ``regression_weight`` times its squared L2 distance to the features there."""
         total = hidden.new_zeros((), dtype=torch.float32)
         for modality, (mask, values) in targets.items():
             predicted = self.regression_heads[modality](hidden[:, :-1][mask[:, 1:]])  # a position 0 is never a code
-            total = total + F.mse_loss(predicted.float(), values.float(), reduction="none").mean(-1).sum()
+            total = total + F.mse_loss(predicted.float(), values.float(), reduction="sum")
         return self.regression_weight * total
 
     def labels(self, labels: torch.Tensor, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
