@@ -97,7 +97,9 @@ def test_builtin_recipes_load_with_their_survey_type():
     assert load_recipe("idefics").model.fusion.options["placement"] == "idefics"
     assert load_recipe("audio-flamingo").model.fusion.options["media_attention"] == "all_previous"
     assert load_recipe("multimodal-gpt").train.stages[1].lora == ["llm", "fusion"]
-    assert load_recipe("dolphins").model.connectors["video"].max_frames == 8
+    dolphins = load_recipe("dolphins")
+    assert dolphins.model.connectors["video"].max_frames == 8 and dolphins.model.connectors["video"].positions_2d
+    assert dolphins.train.stages[1].kinds == ["direction", "speed"]  # the motion stage
     assert load_recipe("otter").model.llm.add_tokens == ["<answer>", "<|endofchunk|>"]
     mechanisms = {"llama-adapter": "adapter_prompts", "llama-adapter-v2": "adapter_prompts", "cogvlm": "visual_expert",
                   "mplug-owl2": "modality_adaptive", "moe-llava": "moe", "lion": "adapter_mixture"}
