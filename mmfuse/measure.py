@@ -106,7 +106,8 @@ def trainable_parameters(model: MultimodalLM, stages: list[StageConfig]) -> int:
 def with_modality(config: MultimodalConfig, additions: dict[str, Any]) -> MultimodalConfig:
     """``config`` with ``additions`` (section -> its new entry: ``{"encoders": EncoderConfig, "connectors":
     ConnectorConfig}``, or ``{"codecs": CodecConfig}`` for Type-D) added under the entry's modality. A
-    Type-D config forgets its resolved codebooks, so the grown model lays out its vocabulary again."""
+    Type-D config forgets its resolved codebooks and feature widths, so the grown model lays out its
+    vocabulary and its feature projections again."""
     modality = _modality(additions)
     if modality in config.encoders or modality in config.codecs:
         raise ValueError(f"the config already reads {modality}")
@@ -114,6 +115,7 @@ def with_modality(config: MultimodalConfig, additions: dict[str, Any]) -> Multim
     for section, entry in additions.items():
         getattr(out, section)[modality] = copy.deepcopy(entry)
     out.fusion.options.pop("codebooks", None)
+    out.fusion.options.pop("feature_dims", None)  # a model reading features checks every codec's width again
     out.fusion.options.pop("code_start", None)  # a shared vocabulary finds room for the new codes again
     return out
 

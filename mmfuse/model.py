@@ -106,10 +106,6 @@ class MultimodalLM(nn.Module):
                                  f"codes {'were trained as' if declared else 'fit as'} text ids")
         if options.get("read") == "features":
             dims = {m: codec.feature_dim for m, codec in self.codecs.items()}
-            featureless = sorted(m for m, dim in dims.items() if not dim)
-            if featureless:
-                raise ValueError(f"fusion.options.read 'features': the {featureless} codec(s) give no continuous features "
-                                 f"to read; LaVIT-style reading needs codecs that do, such as the image codec")
             if options.setdefault("feature_dims", dims) != dims:
                 raise ValueError(f"fusion.options.feature_dims {options['feature_dims']} do not match the codecs' {dims}")
         if options.get("write") == "features":
@@ -367,7 +363,7 @@ class MultimodalLM(nn.Module):
         unknown = sorted(set(outputs) - set(self.fusion.output_modalities))
         if unknown or not outputs:
             raise ValueError(f"outputs {list(outputs)}: this model generates {list(self.fusion.output_modalities)}")
-        if getattr(self.fusion, "writes_features", False) and outputs != ("text",):
+        if self.fusion.writes_features and outputs != ("text",):
             if len(outputs) != 1:
                 raise ValueError(f"outputs {list(outputs)}: a model that writes features (VL-GPT) generates text, or one "
                                  f"media item as the whole reply")

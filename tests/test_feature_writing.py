@@ -153,8 +153,10 @@ def test_writing_features_needs_read_features_and_codecs_with_features_that_quan
         vl_gpt(tokenizer_dir, write="pixels")
     audio = CodecConfig(modality="audio", settings={"kind": "audio", "n_fft": 256, "hop": 128, "stride": 2, "width": 16, "dim": 8,
                                                     "num_quantizers": 1, "codebook_size": 16})
-    added = adds_modality(vl_gpt(tokenizer_dir), {"codecs": audio})  # a sound codec added to a VL-GPT (or LaVIT) model
-    assert added["modality"] == "audio" and "['audio'] codec(s) give no continuous features" in added["error"]
+    added = adds_modality(vl_gpt(tokenizer_dir, write="codes"), {"codecs": audio})  # a sound codec added to a LaVIT model
+    assert added["modality"] == "audio" and "the audio codec has 1 codebooks and feature width 0" in added["error"]
+    added = adds_modality(vl_gpt(tokenizer_dir), {"codecs": audio})  # and to a VL-GPT model
+    assert added["modality"] == "audio" and "the ['audio'] codec(s) cannot quantize regressed features" in added["error"]
     monkeypatch.setattr(ImageCodec, "quantize_features", MediaCodec.quantize_features)
     with pytest.raises(ValueError, match="cannot quantize regressed features"):
         vl_gpt(tokenizer_dir)

@@ -21,6 +21,7 @@ class FusionStrategy(nn.Module):
     output_modalities: tuple[str, ...] = ("text",)  # what the model can generate
     labels_media: bool = False  # whether the processor labels media positions inside learned spans (Type-D)
     reads_features: bool = False  # whether llm_inputs also takes the codecs' continuous features (Type-D, LaVIT)
+    writes_features: bool = False  # whether a written media item is regressed as features, not chosen as codes (Type-D, VL-GPT)
     # the llm_inputs key that Hugging Face ``generate`` rejects (it takes no unknown keywords): held in
     # ``_generation_context`` for the duration of the call instead, where the strategy's hooks read it
     context_key: str | None = None
