@@ -45,9 +45,9 @@ def test_closed_gates_give_the_bare_llms_logits_and_open_gates_do_not(llm, token
     bare.set_attn_implementation(model.fusion.base_attention)
     with torch.no_grad():
         reference = bare(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        torch.testing.assert_close(model(**batch).logits, reference, rtol=0, atol=0)  # exactly: the term is 0 * finite
+        torch.testing.assert_close(model(**batch).logits, reference)  # the term is 0 * finite; float32 tolerance, as two models may take different kernels
         _open_gates(model)
-        assert (model(**batch).logits - reference).abs().max() > 1e-5
+        assert (model(**batch).logits - reference).abs().max() > 1e-2  # far outside the tolerance above
 
 
 def test_prompt_term_matches_a_separate_softmax_over_prompt_keys(tokenizer_dir):
@@ -79,8 +79,8 @@ def test_only_the_top_layers_are_adapted(tokenizer_dir):
         closed = dict(hidden)
         _open_gates(model)
         model(**batch)
-    torch.testing.assert_close(hidden[0], closed[0], rtol=0, atol=0)  # layer 0 has no prompts
-    assert (hidden[1] - closed[1]).abs().max() > 1e-5
+    torch.testing.assert_close(hidden[0], closed[0])  # layer 0 has no prompts
+    assert (hidden[1] - closed[1]).abs().max() > 1e-3
 
 
 def test_image_feature_is_added_to_every_prompt(tokenizer_dir, media_dir):
@@ -91,7 +91,7 @@ def test_image_feature_is_added_to_every_prompt(tokenizer_dir, media_dir):
     for image in ("a.png", "b.png"):
         with torch.no_grad():
             logits.append(model(**collate([model.processor(_image_sample(media_dir, image))])).logits)
-    assert (logits[0] - logits[1]).abs().max() > 1e-5
+    assert (logits[0] - logits[1]).abs().max() > 1e-3
     with torch.no_grad():  # the text before the image sees the image too: prompts are visible to every token
         batch = collate([model.processor(_image_sample(media_dir))])
         inputs = model.llm_inputs(batch["input_ids"], batch["media"])
@@ -201,10 +201,10 @@ def test_v2_bias_scale_starts_as_identity_and_is_applied(llm, tokenizer_dir):
         bare = AutoModelForCausalLM.from_config(copy.deepcopy(model.llm.config)).eval()
         bare.load_state_dict(model.llm.state_dict())
         bare.set_attn_implementation(model.fusion.base_attention)
-        torch.testing.assert_close(closed, bare(input_ids=batch["input_ids"]).logits, rtol=0, atol=0)
+        torch.testing.assert_close(closed, bare(input_ids=batch["input_ids"]).logits)
         part = next(iter(model.fusion.bias_scale.values()))
         part.scale.fill_(2.0)
-        assert (model(**batch).logits - closed).abs().max() > 1e-5
+        assert (model(**batch).logits - closed).abs().max() > 1e-3
     per_layer = 4 if llm == "gpt2" else 7  # GPT-2: c_attn, c_proj, c_fc, c_proj; else q/k/v/o, gate/up/down
     assert len(model.fusion.bias_scale) == model.llm.config.num_hidden_layers * per_layer
     groups = model.parameter_groups()
@@ -246,4 +246,4 @@ def test_padding_is_masked_and_eager_llms_keep_their_mask(tokenizer_dir, media_d
     bare.set_attn_implementation("eager")
     text = _text_batch(eager)
     with torch.no_grad():
-        torch.testing.assert_close(eager(**text).logits, bare(input_ids=text["input_ids"]).logits, rtol=0, atol=0)
+        torch.testing.assert_close(eager(**text).logits, bare(input_ids=text["input_ids"]).logits)

