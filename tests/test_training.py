@@ -79,6 +79,12 @@ def test_train_added_tokens_moves_only_the_added_rows(tokenizer_dir, media_dir):
     assert (weight.grad[:row] != 0).any()  # the next stage's hook is gone: every row gets its gradient
     with pytest.raises(ValueError, match="both listed"):
         apply_stage(model, StageConfig(name="u", train=["llm.embeddings"], train_added_tokens=True, data=["d"], steps=1, lr=1e-1))
+    weight.grad = None
+    apply_stage(model, StageConfig(name="l", lora=["llm"], train_added_tokens=True, data=["d"], steps=1, lr=1e-1,
+                                   lora_target_modules=["q_proj", "v_proj"]))  # peft freezes the table as it wraps
+    model(**model.collator()([model.processor(sample)])).loss.backward()
+    weight = model.llm.get_input_embeddings().weight
+    assert (weight.grad != 0).any(dim=1).nonzero().flatten().tolist() == [row]
 
 
 def test_resume_with_added_token_rows_is_bit_identical(tokenizer_dir, media_dir, tmp_path):

@@ -67,6 +67,8 @@ def added_token_rows(model: nn.Module, stage: StageConfig) -> list[nn.Parameter]
     tables = vocabulary_tables(model)
     rows = torch.zeros(tables[0].shape[0], 1, dtype=tables[0].dtype, device=tables[0].device)
     rows[ids] = 1
+    for table in tables:  # a LoRA stage's peft wrapping has just frozen them, and a hook needs a gradient
+        table.requires_grad_(True)
     _ROW_HOOKS[model] = [table.register_hook(lambda grad: grad * rows.to(grad.dtype)) for table in tables]
     return tables
 
