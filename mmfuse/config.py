@@ -145,6 +145,10 @@ class ConnectorConfig(JsonConfig):
     with ``num_heads`` heads at the LLM width; the outputs at the constants are the item's prefix
     (Pengi: 40 constants, 4 layers, 8 heads per mapping network).
 
+    ``kind="qllama"`` is InternVL's language middleware: ``num_queries`` learned queries through a copy of
+    the LLM's first ``depth`` decoder layers (initialised from its weights) with gated cross-attention
+    to the features before every ``cross_attention_every``-th of them, then an MLP (InternVL: 96 queries).
+
     With several encoders (``EncoderConfig.extra``) the features are each encoder's, concatenated;
     ``encoder_projector`` (a projector kind) first maps each encoder's part on its own to
     ``llm_dim // encoders`` (after ``pool_stride``; ``input_norm`` then normalises each part), and ``kind``
@@ -153,11 +157,11 @@ class ConnectorConfig(JsonConfig):
 
     kind: str = "linear"
     pool_stride: int = 1
-    num_queries: int = 32
+    num_queries: int = 32  # qformer / qllama: learned queries = tokens per item
     depth: int = 2
     num_heads: int = 4
     hidden_size: int | None = None  # qformer width; defaults to the encoder width
-    cross_attention_every: int = 2  # qformer: cross-attention in every n-th block (BLIP-2: 2)
+    cross_attention_every: int = 2  # qformer / qllama: cross-attention in every n-th block or copied layer (BLIP-2: 2)
     # qformer: Qwen-VL's 2-D sin-cos positions on queries and features; perceiver: on each frame's features (square grids)
     positions_2d: bool = False
     num_latents: int = 64  # perceiver: learned latents = tokens per item (Flamingo: 64)

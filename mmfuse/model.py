@@ -64,7 +64,7 @@ class MultimodalLM(nn.Module):
         self.fusion = build_fusion(config.fusion, {m: enc.hidden_size for m, enc in encoders.items()})
         widths = {m: self.fusion.connector_width(enc.hidden_size, llm_dim) for m, enc in encoders.items()}
         self.connectors = nn.ModuleDict({m: Connector(config.connectors[m], enc.hidden_size, widths[m],
-                                                      parts=enc.widths if isinstance(enc, MultiEncoder) else ())
+                                                      parts=enc.widths if isinstance(enc, MultiEncoder) else (), llm=llm)
                                          for m, enc in encoders.items()})
         self.fusion.attach(llm, widths)
         self.tokenizer = tokenizer

@@ -113,6 +113,9 @@ def test_builtin_recipes_load_with_their_survey_type():
     interleaved = load_recipe("mm-interleaved")
     assert interleaved.model.fusion.type == "C" and interleaved.model.fusion.cross_attention["placement"] == "idefics"
     assert load_recipe("moe-llava").train.stages[-1].train == ["fusion"]  # experts and routers only
+    internvl = load_recipe("internvl")  # QLLaMA: the LLM's first layers, copied, as the connector
+    assert internvl.model.fusion.type == "C" and internvl.model.connectors["image"].kind == "qllama"
+    assert all("llm" not in s.train for s in internvl.train.stages)
     idefics2 = load_recipe("idefics2")
     assert idefics2.model.fusion.type == "C" and idefics2.model.connectors["image"].num_latents == 64
     assert sorted(load_recipe("palm-e").model.encoders) == ["audio", "image"]

@@ -8,6 +8,7 @@ from torch import nn
 from ..config import ConnectorConfig
 from .combine import EncoderCombiner
 from .mapper import MappingNetwork
+from .middleware import LanguageMiddleware
 from .perceiver import PerceiverResampler
 from .projector import build_projector
 from .qformer import QFormerResampler
@@ -23,11 +24,14 @@ class Connector(nn.Module):
     for video, to add their frame embeddings (the other kinds ignore ``frames``). ``kind="windows"`` is
     Audio Flamingo's sliding-window transformer: one token per window of ``window`` frames every ``hop``.
     ``kind="mapper"`` is ClipCap/Pengi's transformer mapping network: ``prefix_length`` tokens per item.
+    ``kind="qllama"`` is InternVL's language middleware: learned queries through a copy of ``llm``'s
+    first ``depth`` layers with added cross-attention (:mod:`.middleware`); it needs ``llm``.
     ``parts``: the widths of several encoders whose features are concatenated (WavLLM); after pooling,
     an :class:`EncoderCombiner` maps each part with ``cfg.encoder_projector`` before the core.
     """
 
-    def __init__(self, cfg: ConnectorConfig, encoder_dim: int, llm_dim: int, parts: tuple[int, ...] = ()):
+    def __init__(self, cfg: ConnectorConfig, encoder_dim: int, llm_dim: int, parts: tuple[int, ...] = (),
+                 llm: nn.Module | None = None):
         super().__init__()
         if cfg.pool_stride < 1:
             raise ValueError(f"connector pool_stride must be >= 1, got {cfg.pool_stride}")
@@ -38,7 +42,7 @@ class Connector(nn.Module):
         self.combine = (EncoderCombiner(parts, cfg.encoder_projector, llm_dim // len(parts), cfg.input_norm)
                         if len(parts) > 1 else None)
         self.input_norm = nn.LayerNorm(encoder_dim) if cfg.input_norm and self.combine is None else None
-        self.core = build_core(cfg, self.combine.out_dim if self.combine else encoder_dim, llm_dim)
+        self.core = build_core(cfg, self.combine.out_dim if self.combine else encoder_dim, llm_dim, llm)
         self.boundary = nn.Parameter(torch.randn(2, llm_dim) * 0.02) if cfg.boundary_tokens else None
 
     def forward(self, features: torch.Tensor, frames: int = 1) -> torch.Tensor:
@@ -66,8 +70,13 @@ class Connector(nn.Module):
         return out
 
 
-def build_core(cfg: ConnectorConfig, encoder_dim: int, llm_dim: int) -> nn.Module:
-    """The connector's resampler or projector for ``cfg.kind``."""
+def build_core(cfg: ConnectorConfig, encoder_dim: int, llm_dim: int, llm: nn.Module | None = None) -> nn.Module:
+    """The connector's resampler or projector for ``cfg.kind`` (``llm``: the LLM a ``qllama`` copies)."""
+    if cfg.kind == "qllama":
+        if llm is None:
+            raise ValueError("connector kind 'qllama' copies the LLM's first layers; build it with the LLM")
+        return LanguageMiddleware(encoder_dim, llm_dim, llm, num_queries=cfg.num_queries, depth=cfg.depth,
+                                  cross_attention_every=cfg.cross_attention_every)
     if cfg.kind == "qformer":
         return QFormerResampler(encoder_dim, llm_dim, num_queries=cfg.num_queries, width=cfg.hidden_size, depth=cfg.depth,
                                 num_heads=cfg.num_heads, cross_attention_every=cfg.cross_attention_every,

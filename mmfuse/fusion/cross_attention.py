@@ -178,7 +178,7 @@ class CrossAttentionFusion(FusionStrategy):
     def attach_blocks(self, llm: nn.Module, media_dims: dict[str, int]) -> None:
         """The blocks and their hooks, without the marker embeddings (a strategy that lays the media
         out itself and adds these blocks as a branch, :class:`~mmfuse.fusion.WithCrossAttention`)."""
-        dim = llm.get_input_embeddings().embedding_dim
+        dim = llm.config.get_text_config().hidden_size
         heads = self.num_heads or attention_heads(llm)
         layers = decoder_layers(llm)
         self.layer_indices = cross_attention_layers(len(layers), self.every, self.placement)

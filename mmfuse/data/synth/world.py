@@ -1,6 +1,7 @@
 """Write the whole synthetic world to disk in the format users bring their own data in.
 
-:func:`write_world` renders scenes, sound clips, videos, digits and interleaved documents to PNG, WAV
+:func:`write_world` renders scenes, sound clips, videos, digits and interleaved documents (with
+fast-binding episodes over the one-object drawings, :mod:`.binding`) to PNG, WAV
 and GIF files under ``images/``, ``audio/``, ``video/`` and ``digits/``, and writes one LLaVA-style
 conversation JSON file per task and split (``{task}_{split}.json``), the text corpus
 (``text_corpus_{split}.txt``) and a ``world.json`` manifest. Splits ``train``, ``val`` and ``test``
@@ -20,14 +21,14 @@ from typing import Any, Callable
 
 from ...config import JsonConfig
 from ..formats import CAPTION_PROMPT
-from ..schema import MARKERS
-from . import digits, documents, heldout, scenes, sounds, text, video
+from ..schema import END_OF_CHUNK, MARKERS
+from . import binding, digits, documents, heldout, scenes, sounds, text, video
 
 SPLITS = ("train", "val", "test", "heldout")
 TASKS = (
     "image_caption", "image_qa", "audio_caption", "audio_qa", "video_caption", "video_qa",
     "interleaved", "documents", "digits_qa", "digits_caption", "image_audio_qa", "text",
-    "image_generation", "audio_generation", "audio_multi_qa",
+    "image_generation", "audio_generation", "audio_multi_qa", "binding",
 )
 GENERATION_PROMPT = {"image": "Draw the image: ", "audio": "Make the sound: "}
 VIDEO_FRAMES = 8
@@ -65,6 +66,7 @@ class WorldSizes(JsonConfig):
     videos: SplitSizes = field(default_factory=lambda: SplitSizes(600, 50, 200, 100))
     documents: SplitSizes = field(default_factory=lambda: SplitSizes(300, 30, 100, 50))
     generations: SplitSizes = field(default_factory=lambda: SplitSizes(2000, 100, 200, 100))
+    binding: SplitSizes = field(default_factory=lambda: SplitSizes(4000, 100, 200, 0))
     text: SplitSizes = field(default_factory=lambda: SplitSizes(5000, 200, 500, 0))
     digits: int = DIGITS_TOTAL
 
@@ -73,7 +75,7 @@ class WorldSizes(JsonConfig):
             raise ValueError(f"sizes.text.heldout must be 0 (text has no held-out combinations), got {self.text.heldout}")
         if not 0 <= self.digits <= DIGITS_TOTAL:
             raise ValueError(f"sizes.digits must be 0..{DIGITS_TOTAL}, got {self.digits}")
-        for name in ("images", "sounds", "videos", "documents", "generations", "text"):
+        for name in ("images", "sounds", "videos", "documents", "generations", "binding", "text"):
             sizes = getattr(self, name)
             if min(sizes[s] for s in SPLITS) < 0:
                 raise ValueError(f"sizes.{name} has a negative split size: {sizes}")
@@ -83,7 +85,8 @@ class WorldSizes(JsonConfig):
         """About a sixth of the default world (``mmfuse compare --quick``)."""
         return cls(
             images=SplitSizes(500, 100, 100, 60), sounds=SplitSizes(500, 100, 100, 60), videos=SplitSizes(40, 10, 10, 10),
-            documents=SplitSizes(20, 5, 5, 5), generations=SplitSizes(400, 50, 100, 50), text=SplitSizes(400, 50, 100, 0), digits=300,
+            documents=SplitSizes(20, 5, 5, 5), generations=SplitSizes(400, 50, 100, 50), binding=SplitSizes(400, 20, 20, 0),
+            text=SplitSizes(400, 50, 100, 0), digits=300,
         )
 
     @classmethod
@@ -91,7 +94,8 @@ class WorldSizes(JsonConfig):
         """A few items per split, for tests."""
         return cls(
             images=SplitSizes(12, 3, 4, 4), sounds=SplitSizes(12, 3, 4, 4), videos=SplitSizes(4, 2, 2, 2),
-            documents=SplitSizes(3, 2, 2, 2), generations=SplitSizes(4, 2, 2, 2), text=SplitSizes(20, 5, 5, 0), digits=40,
+            documents=SplitSizes(3, 2, 2, 2), generations=SplitSizes(4, 2, 2, 2), binding=SplitSizes(0, 0, 0, 0),
+            text=SplitSizes(20, 5, 5, 0), digits=40,
         )
 
 
@@ -284,9 +288,10 @@ class _Writer:
         self.write_task("interleaved", split, records)
         self.write_task("documents", split, plain)
 
-    def generation_tasks(self, split: str) -> None:
+    def generation_tasks(self, split: str) -> list[binding.Drawing]:
         """``image_generation`` / ``audio_generation``: a one-object scene or one-event clip drawn from
-        its caption; ``meta.target`` holds the attributes a judge checks in what a model generates."""
+        its caption; ``meta.target`` holds the attributes a judge checks in what a model generates.
+        Returns the drawings, (file, target) each."""
         scene_rng, clip_rng = _rng(self.seed, "image_generation", split), _rng(self.seed, "audio_generation", split)
         images, clips = [], []
         for i in range(self.sizes.generations[split]):
@@ -311,6 +316,18 @@ class _Writer:
                 "target": {"kind": event.kind, "pitch": event.pitch, "duration": event.duration}}))
         self.write_task("image_generation", split, images)
         self.write_task("audio_generation", split, clips)
+        return [(r["image"], r["meta"]["target"]) for r in images]
+
+    def binding_task(self, split: str, drawings: list[binding.Drawing]) -> None:
+        """``binding``: fast-binding documents over the split's one-object drawings (:mod:`.binding`)."""
+        rng, words = _rng(self.seed, "binding", split), binding.label_words(_vocabularies())
+        records = []
+        for i in range(self.sizes.binding[split]):
+            files, labels, kind = binding.episode(rng, drawings, words)
+            meta = {"task": "binding", "split": split, "kind": kind, "answer": labels[-1]}
+            text = "".join(f"{MARKERS['image']}{label}{END_OF_CHUNK}" for label in labels)
+            records.append({"id": f"bind-{split}-{i:05d}", "image": files, "text": text, "meta": meta})
+        self.write_task("binding", split, records)
 
     def text_task(self, split: str) -> None:
         n = self.sizes.text[split]
@@ -361,7 +378,7 @@ def write_world(out_dir: Path, *, seed: int = 0, sizes: WorldSizes | None = None
         writer.media_tasks("image", "digits", split, digit_items[split])
         writer.image_audio_task(split, images, clips)
         writer.interleaved_task(split)
-        writer.generation_tasks(split)
+        writer.binding_task(split, writer.generation_tasks(split))
         writer.text_task(split)
     manifest = {
         "seed": seed,

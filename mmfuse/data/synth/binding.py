@@ -1,0 +1,59 @@
+"""Fast-binding episodes (Frozen, Tsimpoukelli et al. 2021): naming things from the context alone.
+
+Every other task of the world can be answered from its own media: a caption says what the scene
+shows, so a model never needs what came before, and does not learn to read it. Few-shot prompts on a
+new domain (the digits) then add nothing. Here each episode names one-object drawings with labels
+drawn for that episode alone (``"a seven blue."``): four shots, then a query of a class the shots
+showed, where the class is the drawing's colour, its shape or both, chosen per episode. Only the
+context says the query's label. In 1-way episodes every shot carries it (copying); in 2-way episodes
+the shots whose drawings share the query's class carry it (matching, then copying).
+
+Written as OpenFlamingo documents (``<image>label<|endofchunk|>`` per drawing), the form of the
+document few-shot prompts of :mod:`mmfuse.eval.tasks`.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+
+SHOTS = 4
+WAYS = (1, 2, 2)  # drawn per episode: a third copy-only, two thirds match-then-copy
+ATTRIBUTES = ("colour", "shape", "both")
+
+Drawing = tuple[str, dict[str, str]]  # (media file, its target attributes: colour, shape, ...)
+
+
+def label_words(vocabularies: dict[str, list[str]]) -> list[str]:
+    """The one-word entries of the world's vocabularies: the words labels are made of."""
+    return sorted({word for words in vocabularies.values() for word in words if " " not in word})
+
+
+def _label(rng: random.Random, words: Sequence[str]) -> str:
+    return "a " + " ".join(rng.sample(list(words), rng.choice((1, 2)))) + "."
+
+
+def _class_of(target: dict[str, str], attribute: str) -> tuple[str, ...]:
+    return (target["colour"], target["shape"]) if attribute == "both" else (target[attribute],)
+
+
+def episode(rng: random.Random, drawings: Sequence[Drawing], words: Sequence[str]) -> tuple[list[str], list[str], str]:
+    """``(files, labels, kind)`` for ``SHOTS`` shots and the query (the last), five different drawings;
+    ``kind`` is e.g. ``"2-way colour"``."""
+    attribute, ways = rng.choice(ATTRIBUTES), rng.choice(WAYS)
+    by_class: dict[tuple[str, ...], list[str]] = {}
+    for file, target in drawings:
+        by_class.setdefault(_class_of(target, attribute), []).append(file)
+    eligible = sorted(c for c, files in by_class.items() if len(files) >= SHOTS + 1)
+    if len(eligible) < ways:
+        raise ValueError(f"binding episodes: {len(eligible)} {attribute} classes have {SHOTS + 1}+ drawings, {ways} needed")
+    classes = rng.sample(eligible, ways)
+    names: dict[tuple[str, ...], str] = {}
+    while len(set(names.values())) < ways:
+        names = {c: _label(rng, words) for c in classes}
+    shots = [classes[i % ways] for i in range(SHOTS)]
+    rng.shuffle(shots)
+    sequence = [*shots, rng.choice(classes)]
+    picks = {c: rng.sample(by_class[c], sequence.count(c)) for c in classes}  # no drawing twice
+    files = [picks[c].pop() for c in sequence]
+    return files, [names[c] for c in sequence], f"{ways}-way {attribute}"
