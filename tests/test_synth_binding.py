@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 import random
 
+import pytest
+
 from mmfuse.data.formats import load_samples
 from mmfuse.data.synth import binding
 from mmfuse.data.synth.scenes import COLOURS, SHAPES
@@ -42,3 +44,12 @@ def test_the_world_writes_binding_documents(tmp_path):
     assert message.role == "document" and message.content.count("<|endofchunk|>") == 5
     assert message.content.endswith(f"{samples[0].meta['answer']}<|endofchunk|>")
     assert not (root / "binding_val.json").exists()  # no episodes asked for: no file
+
+
+def test_too_few_drawings_of_a_class_fall_back_to_another_attribute_or_are_named():
+    drawings = [(f"d{i}.png", {"colour": ("red", "blue")[i % 2], "shape": ("circle", "square")[i // 2 % 2]}) for i in range(12)]
+    rng = random.Random(0)  # 3 drawings of each colour-and-shape class, 6 of each colour and of each shape
+    kinds = {binding.episode(rng, drawings, ["wug", "dax"])[2].split("-way ")[1] for _ in range(60)}
+    assert kinds == {"colour", "shape"}
+    with pytest.raises(ValueError, match="classes of 5\\+ drawings among 4 drawings"):
+        binding.episode(rng, drawings[:4], ["wug", "dax"])

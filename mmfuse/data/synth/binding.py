@@ -41,13 +41,17 @@ def episode(rng: random.Random, drawings: Sequence[Drawing], words: Sequence[str
     """``(files, labels, kind)`` for ``SHOTS`` shots and the query (the last), five different drawings;
     ``kind`` is e.g. ``"2-way colour"``."""
     attribute, ways = rng.choice(ATTRIBUTES), rng.choice(WAYS)
-    by_class: dict[tuple[str, ...], list[str]] = {}
+    by_class: dict[str, dict[tuple[str, ...], list[str]]] = {a: {} for a in ATTRIBUTES}
     for file, target in drawings:
-        by_class.setdefault(_class_of(target, attribute), []).append(file)
-    eligible = sorted(c for c, files in by_class.items() if len(files) >= SHOTS + 1)
-    if len(eligible) < ways:
-        raise ValueError(f"binding episodes: {len(eligible)} {attribute} classes have {SHOTS + 1}+ drawings, {ways} needed")
-    classes = rng.sample(eligible, ways)
+        for name, of_attribute in by_class.items():
+            of_attribute.setdefault(_class_of(target, name), []).append(file)
+    eligible = {a: sorted(c for c, files in of_attribute.items() if len(files) >= SHOTS + 1) for a, of_attribute in by_class.items()}
+    if len(eligible[attribute]) < ways:  # a few drawings may leave too few classes of both colour and shape
+        usable = [a for a in ATTRIBUTES if len(eligible[a]) >= ways]
+        if not usable:
+            raise ValueError(f"binding episodes: no attribute has {ways} classes of {SHOTS + 1}+ drawings among {len(drawings)} drawings")
+        attribute = rng.choice(usable)
+    classes, by_class = rng.sample(eligible[attribute], ways), by_class[attribute]
     names: dict[tuple[str, ...], str] = {}
     while len(set(names.values())) < ways:
         names = {c: _label(rng, words) for c in classes}
