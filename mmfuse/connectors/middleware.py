@@ -10,9 +10,11 @@ The copied layers are the LLM's own Hugging Face modules, built from its config 
 layers (and no token embedding: the queries enter as embeddings), so nothing of the LLM is
 re-implemented and the same code serves Llama, Qwen2 and GPT-2. The cross-attention is Type-A's gated
 block (:class:`~mmfuse.fusion.cross_attention.GatedCrossAttentionBlock`, gates starting at 0, so the
-middleware starts as the LLM reading the queries alone), run by the same pre-layer hooks; every query
-reads every feature of its own item. The queries attend to each other with the LLM's own (causal)
-self-attention, as in QLLaMA.
+middleware starts as the LLM reading the queries alone), run by the same pre-layer hooks, before
+copied layers ``0, n, 2n, ...``; every query reads every feature of its own item. QLLaMA's own
+cross-attention sits inside those layers, between self-attention and MLP, ungated. The queries attend
+to each other with the LLM's own causal self-attention (QLLaMA's default mask; it also has an option
+that lets the queries see each other both ways).
 """
 
 from __future__ import annotations
