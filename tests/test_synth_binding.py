@@ -35,6 +35,11 @@ def test_labels_name_the_episodes_classes():
     assert len(labels_seen) == 4 + 4 * 3  # every one- and two-word label: drawn per episode, not fixed per class
 
 
+def test_label_words_are_the_words_of_the_text():
+    assert binding.label_words(["a handwritten seven.", "What colour is it? red."]) == [
+        "colour", "handwritten", "is", "it", "red", "seven", "what"]
+
+
 def test_the_world_writes_binding_documents(tmp_path):
     sizes = dataclasses.replace(WorldSizes.tiny(), generations=SplitSizes(40, 2, 2, 2), binding=SplitSizes(6, 0, 0, 0))
     root = write_world(tmp_path / "w", sizes=sizes)

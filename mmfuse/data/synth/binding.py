@@ -15,7 +15,8 @@ document few-shot prompts of :mod:`mmfuse.eval.tasks`.
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+import re
+from collections.abc import Iterable, Sequence
 
 SHOTS = 4
 WAYS = (1, 2, 2)  # drawn per episode: a third copy-only, two thirds match-then-copy
@@ -24,9 +25,10 @@ ATTRIBUTES = ("colour", "shape", "both")
 Drawing = tuple[str, dict[str, str]]  # (media file, its target attributes: colour, shape, ...)
 
 
-def label_words(vocabularies: dict[str, list[str]]) -> list[str]:
-    """The one-word entries of the world's vocabularies: the words labels are made of."""
-    return sorted({word for words in vocabularies.values() for word in words if " " not in word})
+def label_words(lines: Iterable[str]) -> list[str]:
+    """The words of ``lines`` (the world's text), longer than one letter: the words labels are made of, so
+    that copying is learned for every word the LLM knows, not only for the names of what images show."""
+    return sorted({word for line in lines for word in re.findall(r"[a-z]+", line.lower()) if len(word) > 1})
 
 
 def _label(rng: random.Random, words: Sequence[str]) -> str:

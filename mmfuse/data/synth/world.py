@@ -32,6 +32,7 @@ TASKS = (
 )
 GENERATION_PROMPT = {"image": "Draw the image: ", "audio": "Make the sound: "}
 VIDEO_FRAMES = 8
+BINDING_WORD_LINES = 5000  # corpus lines whose words make the binding labels (every word of the world's text)
 DIGITS_TOTAL = 1797
 
 Progress = Callable[[int, int, str], None]
@@ -320,13 +321,14 @@ class _Writer:
 
     def binding_task(self, split: str, drawings: list[binding.Drawing]) -> None:
         """``binding``: fast-binding documents over the split's one-object drawings (:mod:`.binding`)."""
-        rng, words = _rng(self.seed, "binding", split), binding.label_words(_vocabularies())
+        rng = _rng(self.seed, "binding", split)
+        words = binding.label_words(text.text_corpus(_rng(self.seed, "binding-words", ""), BINDING_WORD_LINES))
         records = []
         for i in range(self.sizes.binding[split]):
             files, labels, kind = binding.episode(rng, drawings, words)
             meta = {"task": "binding", "split": split, "kind": kind, "answer": labels[-1]}
-            text = "".join(f"{MARKERS['image']}{label}{END_OF_CHUNK}" for label in labels)
-            records.append({"id": f"bind-{split}-{i:05d}", "image": files, "text": text, "meta": meta})
+            document = "".join(f"{MARKERS['image']}{label}{END_OF_CHUNK}" for label in labels)
+            records.append({"id": f"bind-{split}-{i:05d}", "image": files, "text": document, "meta": meta})
         self.write_task("binding", split, records)
 
     def text_task(self, split: str) -> None:
