@@ -154,6 +154,8 @@ def test_heldout_sampling_and_size_validation():
         heldout.sample_heldout(lambda r: scenes.sample_scene(r, allowed=heldout.shape_allowed), heldout.scene_is_heldout, rng)
     with pytest.raises(ValueError, match="text.heldout"):
         WorldSizes(text=SplitSizes(1, 1, 1, 1))
+    with pytest.raises(ValueError, match="sizes.binding.train is 4000 but sizes.generations.train is 0"):
+        WorldSizes(generations=SplitSizes(0, 0, 0, 0))
 
 
 def test_synth_cli_takes_sizes_and_other_splits_keep_their_items(world, tmp_path):

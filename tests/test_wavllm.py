@@ -46,7 +46,7 @@ def wavllm_config(tokenizer_dir, **connector) -> MultimodalConfig:
 def world(tmp_path_factory):
     """A world of sound clips only."""
     sizes = WorldSizes(images=NO_SIZES, sounds=SplitSizes(6, 2, 2, 2), videos=NO_SIZES, documents=NO_SIZES,
-                       generations=NO_SIZES, text=SplitSizes(0, 0, 0, 0), digits=0)
+                       generations=NO_SIZES, binding=NO_SIZES, text=SplitSizes(0, 0, 0, 0), digits=0)
     return write_world(tmp_path_factory.mktemp("world") / "w", seed=0, sizes=sizes)
 
 

@@ -80,6 +80,10 @@ class WorldSizes(JsonConfig):
             sizes = getattr(self, name)
             if min(sizes[s] for s in SPLITS) < 0:
                 raise ValueError(f"sizes.{name} has a negative split size: {sizes}")
+        for split in SPLITS:
+            if self.binding[split] and not self.generations[split]:
+                raise ValueError(f"sizes.binding.{split} is {self.binding[split]} but sizes.generations.{split} is 0: binding "
+                                 "episodes name the generation task's drawings; set sizes.binding to 0 too")
 
     @classmethod
     def small(cls) -> "WorldSizes":
