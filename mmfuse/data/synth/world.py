@@ -60,7 +60,8 @@ class WorldSizes(JsonConfig):
     """How many items :func:`write_world` draws. Scenes get one QA record per question kind (6) and
     sound clips 4-5; ``image_audio_qa`` pairs each split's scenes with its clips, one question per pair.
     ``digits`` takes the first N of scikit-learn's 1797 digits, split by index within each label (its
-    occurrences 0, 10, 20, ... test, 1, 11, 21, ... val, the rest train). ``text`` counts both text-only QA records and corpus lines."""
+    occurrences 0, 10, 20, ... test, 1, 11, 21, ... val, the rest train). ``text`` counts both text-only QA records and corpus lines.
+    ``binding`` counts fast-binding episodes over each split's ``generations`` drawings (:mod:`.binding`)."""
 
     images: SplitSizes = field(default_factory=lambda: SplitSizes(3000, 200, 500, 300))
     sounds: SplitSizes = field(default_factory=lambda: SplitSizes(3000, 200, 500, 300))
