@@ -49,6 +49,11 @@ def test_the_world_writes_binding_documents(tmp_path):
     assert message.role == "document" and message.content.count("<|endofchunk|>") == 5
     assert message.content.endswith(f"{samples[0].meta['answer']}<|endofchunk|>")
     assert not (root / "binding_val.json").exists()  # no episodes asked for: no file
+    prompts = load_samples(root / "binding_qa_train.json")  # the same episodes, scored as QA
+    for document, prompt in zip(samples, prompts, strict=True):
+        messages, answer = prompt.prompt_and_answer()
+        assert answer == document.meta["answer"] and prompt.media == document.media
+        assert messages[0].content + answer + "<|endofchunk|>" == document.messages[0].content  # stops at the query's image
 
 
 def test_too_few_drawings_of_a_class_fall_back_to_another_attribute_or_are_named():

@@ -64,7 +64,7 @@ def test_manifest_lists_every_file_and_count(world):
     listed = {name for splits in manifest["files"].values() for name in splits.values()}
     on_disk = {p.name for p in root.iterdir() if p.is_file()} - {"world.json"}
     assert listed == on_disk
-    assert set(manifest["files"]) == set(TASKS) - {"binding"} | {"text_corpus"}  # too few tiny drawings to bind: test_synth_binding
+    assert set(manifest["files"]) == set(TASKS) - {"binding", "binding_qa"} | {"text_corpus"}  # too few tiny drawings to bind: test_synth_binding
     for task, splits in manifest["records"].items():
         for split, n in splits.items():
             assert len(json.loads((root / manifest["files"][task][split]).read_text())) == n

@@ -28,7 +28,7 @@ SPLITS = ("train", "val", "test", "heldout")
 TASKS = (
     "image_caption", "image_qa", "audio_caption", "audio_qa", "video_caption", "video_qa",
     "interleaved", "documents", "digits_qa", "digits_caption", "image_audio_qa", "text",
-    "image_generation", "audio_generation", "audio_multi_qa", "binding",
+    "image_generation", "audio_generation", "audio_multi_qa", "binding", "binding_qa",
 )
 GENERATION_PROMPT = {"image": "Draw the image: ", "audio": "Make the sound: "}
 VIDEO_FRAMES = 8
@@ -325,16 +325,20 @@ class _Writer:
         return [(r["image"], r["meta"]["target"]) for r in images]
 
     def binding_task(self, split: str, drawings: list[binding.Drawing]) -> None:
-        """``binding``: fast-binding documents over the split's one-object drawings (:mod:`.binding`)."""
+        """``binding``: fast-binding documents over the split's one-object drawings (:mod:`.binding`);
+        ``binding_qa``: the same episodes as prompts that stop at the query's image, its label the answer."""
         rng = _rng(self.seed, "binding", split)
         words = binding.label_words(text.text_corpus(_rng(self.seed, "binding-words", ""), BINDING_WORD_LINES))
-        records = []
+        documents, prompts = [], []
         for i in range(self.sizes.binding[split]):
             files, labels, kind = binding.episode(rng, drawings, words)
             meta = {"task": "binding", "split": split, "kind": kind, "answer": labels[-1]}
-            document = "".join(f"{MARKERS['image']}{label}{END_OF_CHUNK}" for label in labels)
-            records.append({"id": f"bind-{split}-{i:05d}", "image": files, "text": document, "meta": meta})
-        self.write_task("binding", split, records)
+            shots = "".join(f"{MARKERS['image']}{label}{END_OF_CHUNK}" for label in labels[:-1])
+            bid = f"bind-{split}-{i:05d}"
+            documents.append({"id": bid, "image": files, "text": f"{shots}{MARKERS['image']}{labels[-1]}{END_OF_CHUNK}", "meta": meta})
+            prompts.append({"id": f"{bid}-query", "image": files, "text": shots + MARKERS["image"], "meta": {**meta, "task": "binding_qa"}})
+        self.write_task("binding", split, documents)
+        self.write_task("binding_qa", split, prompts)
 
     def text_task(self, split: str) -> None:
         n = self.sizes.text[split]
