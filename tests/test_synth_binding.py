@@ -22,7 +22,7 @@ def test_labels_name_the_episodes_classes():
     target = dict(drawings)
     kinds, labels_seen = set(), set()
     for _ in range(300):
-        files, labels, kind = binding.episode(rng, drawings, ["wug", "dax", "blue", "seven"])
+        files, labels, kind = binding.episode(rng, binding.group_by_class(drawings), ["wug", "dax", "blue", "seven"])
         ways, attribute = kind.split("-way ")
         kinds.add(kind)
         labels_seen.update(labels)
@@ -59,7 +59,7 @@ def test_the_world_writes_binding_documents(tmp_path):
 def test_too_few_drawings_of_a_class_fall_back_to_another_attribute_or_are_named():
     drawings = [(f"d{i}.png", {"colour": ("red", "blue")[i % 2], "shape": ("circle", "square")[i // 2 % 2]}) for i in range(12)]
     rng = random.Random(0)  # 3 drawings of each colour-and-shape class, 6 of each colour and of each shape
-    kinds = {binding.episode(rng, drawings, ["wug", "dax"])[2].split("-way ")[1] for _ in range(60)}
+    kinds = {binding.episode(rng, binding.group_by_class(drawings), ["wug", "dax"])[2].split("-way ")[1] for _ in range(60)}
     assert kinds == {"colour", "shape"}
     with pytest.raises(ValueError, match="classes of 5\\+ drawings among 4 drawings"):
-        binding.episode(rng, drawings[:4], ["wug", "dax"])
+        binding.episode(rng, binding.group_by_class(drawings[:4]), ["wug", "dax"])

@@ -23,6 +23,7 @@ WAYS = (1, 2, 2)  # drawn per episode: a third copy-only, two thirds match-then-
 ATTRIBUTES = ("colour", "shape", "both")
 
 Drawing = tuple[str, dict[str, str]]  # (media file, its target attributes: colour, shape, ...)
+Classes = dict[str, dict[tuple[str, ...], list[str]]]  # attribute -> class -> the files of its drawings
 
 
 def label_words(lines: Iterable[str]) -> list[str]:
@@ -39,21 +40,28 @@ def _class_of(target: dict[str, str], attribute: str) -> tuple[str, ...]:
     return (target["colour"], target["shape"]) if attribute == "both" else (target[attribute],)
 
 
-def episode(rng: random.Random, drawings: Sequence[Drawing], words: Sequence[str]) -> tuple[list[str], list[str], str]:
-    """``(files, labels, kind)`` for ``SHOTS`` shots and the query (the last), five different drawings;
-    ``kind`` is e.g. ``"2-way colour"``."""
-    attribute, ways = rng.choice(ATTRIBUTES), rng.choice(WAYS)
-    by_class: dict[str, dict[tuple[str, ...], list[str]]] = {a: {} for a in ATTRIBUTES}
+def group_by_class(drawings: Sequence[Drawing]) -> Classes:
+    """The drawings' files grouped by class, for every attribute of :data:`ATTRIBUTES` (once per split,
+    not per episode)."""
+    grouped: Classes = {a: {} for a in ATTRIBUTES}
     for file, target in drawings:
-        for name, of_attribute in by_class.items():
-            of_attribute.setdefault(_class_of(target, name), []).append(file)
-    eligible = {a: sorted(c for c, files in of_attribute.items() if len(files) >= SHOTS + 1) for a, of_attribute in by_class.items()}
+        for attribute, of_attribute in grouped.items():
+            of_attribute.setdefault(_class_of(target, attribute), []).append(file)
+    return grouped
+
+
+def episode(rng: random.Random, grouped: Classes, words: Sequence[str]) -> tuple[list[str], list[str], str]:
+    """``(files, labels, kind)`` for ``SHOTS`` shots and the query (the last), five different drawings of
+    ``grouped`` (:func:`group_by_class`); ``kind`` is e.g. ``"2-way colour"``."""
+    attribute, ways = rng.choice(ATTRIBUTES), rng.choice(WAYS)
+    eligible = {a: sorted(c for c, files in of_attribute.items() if len(files) >= SHOTS + 1) for a, of_attribute in grouped.items()}
     if len(eligible[attribute]) < ways:  # a few drawings may leave too few classes of both colour and shape
         usable = [a for a in ATTRIBUTES if len(eligible[a]) >= ways]
         if not usable:
-            raise ValueError(f"binding episodes: no attribute has {ways} classes of {SHOTS + 1}+ drawings among {len(drawings)} drawings")
+            drawings = sum(len(files) for files in grouped["colour"].values())
+            raise ValueError(f"binding episodes: no attribute has {ways} classes of {SHOTS + 1}+ drawings among {drawings} drawings")
         attribute = rng.choice(usable)
-    classes, by_class = rng.sample(eligible[attribute], ways), by_class[attribute]
+    classes, by_class = rng.sample(eligible[attribute], ways), grouped[attribute]
     names: dict[tuple[str, ...], str] = {}
     while len(set(names.values())) < ways:
         names = {c: _label(rng, words) for c in classes}

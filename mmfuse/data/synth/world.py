@@ -21,7 +21,7 @@ from typing import Any, Callable
 
 from ...config import JsonConfig
 from ..formats import CAPTION_PROMPT
-from ..schema import END_OF_CHUNK, MARKERS
+from ..schema import MARKERS
 from . import binding, digits, documents, heldout, scenes, sounds, text, video
 
 SPLITS = ("train", "val", "test", "heldout")
@@ -327,17 +327,17 @@ class _Writer:
     def binding_task(self, split: str, drawings: list[binding.Drawing]) -> None:
         """``binding``: fast-binding documents over the split's one-object drawings (:mod:`.binding`);
         ``binding_qa``: the same episodes as prompts that stop at the query's image, its label the answer."""
-        rng = _rng(self.seed, "binding", split)
+        rng, grouped = _rng(self.seed, "binding", split), binding.group_by_class(drawings)
         words = binding.label_words(text.text_corpus(_rng(self.seed, "binding-words", ""), BINDING_WORD_LINES))
-        documents, prompts = [], []
+        written, prompts = [], []
         for i in range(self.sizes.binding[split]):
-            files, labels, kind = binding.episode(rng, drawings, words)
+            files, labels, kind = binding.episode(rng, grouped, words)
             meta = {"task": "binding", "split": split, "kind": kind, "answer": labels[-1]}
-            shots = "".join(f"{MARKERS['image']}{label}{END_OF_CHUNK}" for label in labels[:-1])
             bid = f"bind-{split}-{i:05d}"
-            documents.append({"id": bid, "image": files, "text": f"{shots}{MARKERS['image']}{labels[-1]}{END_OF_CHUNK}", "meta": meta})
+            shots = documents.document_text([("", label) for label in labels[:-1]])
+            written.append({"id": bid, "image": files, "text": shots + documents.document_text([("", labels[-1])]), "meta": meta})
             prompts.append({"id": f"{bid}-query", "image": files, "text": shots + MARKERS["image"], "meta": {**meta, "task": "binding_qa"}})
-        self.write_task("binding", split, documents)
+        self.write_task("binding", split, written)
         self.write_task("binding_qa", split, prompts)
 
     def text_task(self, split: str) -> None:
