@@ -19,10 +19,10 @@ def _drawings():
 
 def test_labels_name_the_episodes_classes():
     drawings, rng = _drawings(), random.Random(0)
-    target = dict(drawings)
+    target, grouped = dict(drawings), binding.group_by_class(drawings)
     kinds, labels_seen = set(), set()
     for _ in range(300):
-        files, labels, kind = binding.episode(rng, binding.group_by_class(drawings), ["wug", "dax", "blue", "seven"])
+        files, labels, kind = binding.episode(rng, grouped, ["wug", "dax", "blue", "seven"])
         ways, attribute = kind.split("-way ")
         kinds.add(kind)
         labels_seen.update(labels)

@@ -47,7 +47,7 @@ def truncated_copy(llm: nn.Module, depth: int) -> nn.Module:
     for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
         setattr(config, name, None)
     middle = AutoModel.from_config(config)
-    source = llm.get_decoder().state_dict() if hasattr(llm, "get_decoder") else llm.base_model.state_dict()
+    source = llm.base_model.state_dict()  # the class AutoModel builds from this config: the same names
     target = middle.state_dict()
     embedding = {f"{name}.weight" for name, module in middle.named_modules() if module is middle.get_input_embeddings()}
     missing = [k for k in target if k not in embedding and (k not in source or source[k].shape != target[k].shape)]
