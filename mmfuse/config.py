@@ -162,7 +162,8 @@ class ConnectorConfig(JsonConfig):
     num_heads: int = 4
     hidden_size: int | None = None  # qformer width; defaults to the encoder width
     cross_attention_every: int = 2  # qformer / qllama: cross-attention in every n-th block or copied layer (BLIP-2: 2)
-    # qformer: Qwen-VL's 2-D sin-cos positions on queries and features; perceiver: on each frame's features (square grids)
+    # qformer: Qwen-VL's 2-D sin-cos positions on queries and features; perceiver and projectors: on each
+    # frame's features (square grids)
     positions_2d: bool = False
     num_latents: int = 64  # perceiver: learned latents = tokens per item (Flamingo: 64)
     prefix_length: int = 10  # mapper: learned prefix constants = tokens per item (Pengi: 40)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import tiny_config
+from transformers import LlamaConfig
+from transformers.models.llama.modeling_llama import LlamaMLP
 
 from mmfuse.config import ConnectorConfig, FusionConfig
 from mmfuse.data.schema import Message, Sample
@@ -56,6 +58,30 @@ def test_closed_gates_give_the_bare_llms_logits(llm, tokenizer_dir, media_dir):
         torch.testing.assert_close(logits, model.llm(batch["input_ids"], attention_mask=batch["attention_mask"]).logits)
     _open_gates(model)
     assert not torch.equal(_logits(model, [_two_images(media_dir)])[0], bare)  # open gates: the media reach the LLM
+
+
+def test_swiglu_blocks_have_llamas_mlp_and_start_closed(tokenizer_dir, media_dir, tmp_path):
+    """``ffn="swiglu"``: the cross layers' MLP of IDEFICS and mllama (Llama's), in place of OpenFlamingo's GELU FFN."""
+    model = _model(tokenizer_dir, ffn="swiglu", ff_mult=4)
+    block = model.fusion.blocks[0]
+    d = block.to_q.in_features
+    mlp = block.ff[1]
+    assert [tuple(m.weight.shape) for m in (mlp.gate_proj, mlp.up_proj, mlp.down_proj)] == [(4 * d, d), (4 * d, d), (d, 4 * d)]
+    reference = LlamaMLP(LlamaConfig(hidden_size=d, intermediate_size=4 * d, hidden_act="silu", mlp_bias=False))
+    reference.load_state_dict(mlp.state_dict())
+    x = torch.randn(2, 3, d)
+    with torch.no_grad():
+        torch.testing.assert_close(block.ff(x), reference(block.ff[0](x)))
+    logits, batch = _logits(model, [_two_images(media_dir)])
+    with torch.no_grad():
+        embeds = model.fusion.llm_inputs(model.llm, batch["input_ids"], model.encode_media(batch["media"]))["inputs_embeds"]
+        torch.testing.assert_close(logits, model.llm(inputs_embeds=embeds, attention_mask=batch["attention_mask"]).logits)
+    _open_gates(model, 0.5, 0.5)
+    model.save_pretrained(tmp_path / "m")
+    loaded = MultimodalLM.from_pretrained(tmp_path / "m")
+    torch.testing.assert_close(_logits(model, [_two_images(media_dir)])[0], _logits(loaded, [_two_images(media_dir)])[0])
+    with pytest.raises(ValueError, match=r"ffn must be one of \('gelu', 'swiglu'\), got 'relu'"):
+        _model(tokenizer_dir, ffn="relu")
 
 
 @pytest.mark.parametrize("media_attention", ["immediate", "all_previous"])

@@ -8,6 +8,7 @@ from conftest import TINY_VIT, assert_every_parameter_gets_a_gradient, tiny_conf
 
 from mmfuse.config import ConnectorConfig, EncoderConfig
 from mmfuse.connectors import Connector, PerceiverResampler
+from mmfuse.connectors.qformer import sincos_2d
 from mmfuse.data.schema import Message, Sample
 from mmfuse.model import MultimodalLM
 
@@ -99,6 +100,26 @@ def test_positions_2d_make_the_place_of_a_token_in_its_frame_matter():
         placed(torch.randn(1, 6, 8), frames=2)
     config = ConnectorConfig(kind="perceiver", num_latents=2, depth=1, num_heads=2, positions_2d=True)
     assert Connector(config, 8, 6).core.positions_2d
+
+
+def test_projector_positions_2d_add_each_grid_cells_position_before_the_projector():
+    """A token-wise projector maps each feature alone, so it cannot tell where a patch was; with
+    ``positions_2d`` a feature moved to another cell of its frame's grid maps differently (CogCoM's boxes)."""
+    features = torch.randn(2, 2 * 4, 8)  # 2 frames of a 2x2 grid
+    plain = Connector(ConnectorConfig(kind="glu"), 8, 12)
+    placed = Connector(ConnectorConfig(kind="glu", positions_2d=True), 8, 12)
+    placed.load_state_dict(plain.state_dict())
+    order = torch.tensor([3, 1, 0, 2, 4, 5, 6, 7])  # frame 0's tokens moved to other cells
+    with torch.no_grad():
+        torch.testing.assert_close(plain(features, frames=2)[:, order], plain(features[:, order], frames=2))
+        out = placed(features, frames=2)
+        grid = sincos_2d(4, 8).repeat(2, 1)
+        torch.testing.assert_close(out, plain(features + grid, frames=2))  # each frame's grid, the same in both
+        assert not torch.allclose(out[:, order], placed(features[:, order], frames=2), atol=1e-5)
+    with pytest.raises(ValueError, match="connector positions_2d: 2-D positions need a square grid of tokens, got 3"):
+        placed(torch.randn(1, 6, 8), frames=2)
+    with pytest.raises(ValueError, match="positions_2d applies to projectors, 'perceiver' and 'qformer', not 'mapper'"):
+        Connector(ConnectorConfig(kind="mapper", positions_2d=True), 8, 12)
 
 
 def test_bad_frames_raise():

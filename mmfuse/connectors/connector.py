@@ -11,7 +11,7 @@ from .mapper import MappingNetwork
 from .middleware import LanguageMiddleware
 from .perceiver import PerceiverResampler
 from .projector import build_projector
-from .qformer import QFormerResampler
+from .qformer import QFormerResampler, sincos_2d
 from .windows import SlidingWindowTransformer
 
 
@@ -26,6 +26,9 @@ class Connector(nn.Module):
     ``kind="mapper"`` is ClipCap/Pengi's transformer mapping network: ``prefix_length`` tokens per item.
     ``kind="qllama"`` is InternVL's language middleware: learned queries through a copy of ``llm``'s
     first ``depth`` layers with added cross-attention (:mod:`.middleware`); it needs ``llm``.
+    ``positions_2d`` adds fixed 2-D sin-cos positions of each frame's square grid of features before a
+    projector (the resamplers add their own): a visual expert gives every image position one rotary
+    position id (CogVLM), so where a patch was must be in its features.
     ``parts``: the widths of several encoders whose features are concatenated (WavLLM); after pooling,
     an :class:`EncoderCombiner` maps each part with ``cfg.encoder_projector`` before the core.
     """
@@ -43,6 +46,9 @@ class Connector(nn.Module):
                         if len(parts) > 1 else None)
         self.input_norm = nn.LayerNorm(encoder_dim) if cfg.input_norm and self.combine is None else None
         self.core = build_core(cfg, self.combine.out_dim if self.combine else encoder_dim, llm_dim, llm)
+        if cfg.positions_2d and cfg.kind in ("mapper", "windows", "qllama"):
+            raise ValueError(f"connector positions_2d applies to projectors, 'perceiver' and 'qformer', not {cfg.kind!r}")
+        self.positions_2d = cfg.positions_2d and cfg.kind not in ("perceiver", "qformer")  # those add their own
         self.boundary = nn.Parameter(torch.randn(2, llm_dim) * 0.02) if cfg.boundary_tokens else None
 
     def forward(self, features: torch.Tensor, frames: int = 1) -> torch.Tensor:
@@ -55,6 +61,12 @@ class Connector(nn.Module):
             )
         if self.input_norm is not None:
             features = self.input_norm(features)
+        if self.positions_2d:
+            try:
+                grid = sincos_2d(features.shape[1] // frames, features.shape[2])
+            except ValueError as err:
+                raise ValueError(f"connector positions_2d: {err}") from err
+            features = features + grid.to(features).repeat(frames, 1)
         if self.pool_stride > 1:
             if features.shape[1] < self.pool_stride:
                 raise ValueError(f"connector: {features.shape[1]} tokens is fewer than pool_stride {self.pool_stride}")

@@ -1,5 +1,5 @@
 """Token-wise projectors: ``linear`` (LLaVA), ``mlp<k>x_gelu`` (LLaVA-1.5 uses k=2) and ``glu`` (CogVLM's
-adapter: a linear layer, LayerNorm and GELU, then a SwiGLU MLP)."""
+adapter: a linear layer, LayerNorm and GELU, then a SwiGLU MLP, :class:`SwiGLU`)."""
 
 from __future__ import annotations
 
@@ -11,22 +11,30 @@ from torch import nn
 _MLP = re.compile(r"^mlp(\d+)x_gelu$")
 
 
-class GLUProjector(nn.Module):
-    """``(..., in_dim) -> (..., out_dim)``: ``x = GELU(LN(W x))``, then ``down(silu(gate(x)) * up(x))``
-    with a SwiGLU width of ``8/3 * out_dim`` (CogVLM uses the LLM's FFN width)."""
+class SwiGLU(nn.Module):
+    """``(..., dim) -> (..., dim)``: ``down(silu(gate(x)) * up(x))`` with ``hidden`` units (Llama's MLP)."""
 
-    def __init__(self, in_dim: int, out_dim: int):
+    def __init__(self, dim: int, hidden: int):
         super().__init__()
-        hidden = 8 * out_dim // 3
-        self.linear_proj = nn.Linear(in_dim, out_dim, bias=False)
-        self.norm = nn.LayerNorm(out_dim)
-        self.gate_proj = nn.Linear(out_dim, hidden, bias=False)
-        self.up_proj = nn.Linear(out_dim, hidden, bias=False)
-        self.down_proj = nn.Linear(hidden, out_dim, bias=False)
+        self.gate_proj = nn.Linear(dim, hidden, bias=False)
+        self.up_proj = nn.Linear(dim, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = nn.functional.gelu(self.norm(self.linear_proj(x)))
         return self.down_proj(nn.functional.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class GLUProjector(SwiGLU):
+    """``(..., in_dim) -> (..., out_dim)``: ``x = GELU(LN(W x))``, then a SwiGLU MLP of width
+    ``8/3 * out_dim`` (CogVLM uses the LLM's FFN width)."""
+
+    def __init__(self, in_dim: int, out_dim: int):
+        super().__init__(out_dim, 8 * out_dim // 3)
+        self.linear_proj = nn.Linear(in_dim, out_dim, bias=False)
+        self.norm = nn.LayerNorm(out_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(nn.functional.gelu(self.norm(self.linear_proj(x))))
 
 
 def build_projector(kind: str, in_dim: int, out_dim: int) -> nn.Module:

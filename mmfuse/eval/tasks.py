@@ -4,6 +4,10 @@
   *choice accuracy*: the reference is ranked by likelihood among every answer of the same question
   kind in the evaluated set (model-agnostic: it needs no answer format, only log-likelihoods).
 * Caption tasks (``*_caption``, ``interleaved``): CIDEr-D and BLEU-4 against the final assistant turn.
+* Chains of manipulations (``chain_qa``, CogCoM): the model's first reply grounds the object the question
+  names and asks for a crop; the crop of the box *the model wrote* is zoomed and given back as the next
+  user turn, and the second reply is scored like a QA answer. Also reported: how many first replies hold
+  a box, and how many boxes overlap the reference (IoU at least 0.5).
 * Generation tasks (``image_generation``, ``audio_generation``; Type-D models): the model draws an image
   or makes a sound from the prompt alone, and a probe classifier trained on real world media
   (:mod:`mmfuse.eval.probes`) says what it shows; accuracy per attribute of ``meta.target``, and for
@@ -27,7 +31,9 @@ from pathlib import Path
 import torch
 
 from ..data.formats import CAPTION_PROMPT, load_samples, resolve_dataset
-from ..data.schema import END_OF_CHUNK, MARKER_RE, Message, Sample, media_in_order, with_earlier
+from ..data.manipulations import box_iou, crop_and_zoom, parse_box
+from ..data.media import load_image
+from ..data.schema import END_OF_CHUNK, MARKER_RE, MARKERS, Message, Sample, media_in_order, with_earlier
 from .adapter import EvalAdapter
 from .metrics import bleu4, cider_d, exact_match, vqa_accuracy
 from .retrieval import NearestNeighbours, choose_shots
@@ -36,6 +42,9 @@ SHOT_SELECTION = ("random", "retrieval")
 SHOT_FORMATS = ("turns", "document")
 FEWSHOT_POOL = 512  # train examples a few-shot prompt draws from
 GENERATION_TASKS = {"image_generation": "image", "audio_generation": "audio"}  # task -> the modality generated
+CHAIN_TASKS = ("chain_qa",)
+CHAIN_STEP_TOKENS = 48  # a first reply: grounding(<phrase>) -> [[box]]; crop_and_zoom([[box]])
+GROUNDED_IOU = 0.5
 # How each modality is decoded when scored: images greedily (measured best for the world's VQ codes);
 # sounds by sampling at temperature 1, since most frames of a clip are silence and greedy decoding
 # collapses to an all-silent clip (AudioPaLM and AudioLM sample too)
@@ -86,6 +95,11 @@ def evaluate_task(
             items = adapter.generate_media(samples, modality, **GENERATION_DECODING[modality])
         return {**generation_scores(samples, items, modality), "decoding": GENERATION_DECODING[modality],
                 "task": task, "split": split, "shots": 0, "shot_selection": None, "shot_format": None}
+    if task in CHAIN_TASKS:
+        if shots:
+            raise ValueError(f"task {task!r}: chains are scored zero-shot")
+        result = chain_scores(adapter, samples, max_new_tokens or 8, progress)
+        return {**result, "task": task, "split": split, "shots": 0, "shot_selection": None, "shot_format": None}
     if shots:
         samples = few_shot(adapter, samples, read(resolve_dataset(data, task, "train")), shots, shot_selection, seed,
                            shot_format)
@@ -124,6 +138,37 @@ def qa_scores(samples: list[Sample], predictions: list[str]) -> dict:
         "by_kind": {k: {"accuracy": sum(v) / len(v), "count": len(v)} for k, v in sorted(hits.items())},
         "predictions": rows,
     }
+
+
+def chain_scores(adapter: EvalAdapter, samples: list[Sample], max_new_tokens: int,
+                 progress: Callable[[int, int], None] | None = None) -> dict:
+    """CogCoM's loop on each sample's first question: the model's first reply, the zoomed crop of the box
+    it wrote as the next user turn, its second reply scored against the reference. ``qa_scores``' dict,
+    plus ``"box_written"`` (share of first replies with a well-formed box), ``"grounded"`` (share whose box
+    overlaps ``meta.box`` by IoU >= 0.5) and each prediction's ``"step"`` (the first reply) and ``"box"``."""
+    for s in samples:
+        if len(s.messages) < 4 or [m.role for m in s.messages[:3]] != ["user", "assistant", "user"]:
+            raise ValueError(f"sample {s.id!r}: a chain is a question, a manipulation turn, the manipulated "
+                             "image's turn and an answer")
+    firsts = [Sample(s.id, s.messages[:1], {"image": s.media["image"][:1]}, s.meta) for s in samples]
+    steps = adapter.generate(firsts, CHAIN_STEP_TOKENS)
+    boxes = [parse_box(step) for step in steps]
+    seconds = {}
+    for i, (sample, step, box) in enumerate(zip(samples, steps, boxes)):
+        if box is not None:
+            image = load_image(sample.media["image"][0], sample.id, 0)
+            seconds[i] = Sample(sample.id, [sample.messages[0], Message("assistant", step), Message("user", MARKERS["image"])],
+                                {"image": [sample.media["image"][0], crop_and_zoom(image, box)]}, sample.meta)
+    answers = dict(zip(seconds, adapter.generate(list(seconds.values()), max_new_tokens) if seconds else []))
+    if progress:
+        progress(len(samples), len(samples))
+    result = qa_scores(samples, [answers.get(i, "") for i in range(len(samples))])
+    for row, step, box in zip(result["predictions"], steps, boxes):
+        row.update(step=step, box=list(box) if box else None)
+    grounded = [box is not None and box_iou(box, tuple(s.meta["box"])) >= GROUNDED_IOU for s, box in zip(samples, boxes)]
+    result["box_written"] = sum(box is not None for box in boxes) / len(samples)
+    result["grounded"] = sum(grounded) / len(samples)
+    return result
 
 
 def caption_scores(samples: list[Sample], predictions: list[str]) -> dict:

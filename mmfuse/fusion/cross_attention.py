@@ -32,12 +32,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..connectors.projector import SwiGLU
 from .base import FusionStrategy
 from .layers import attention_heads, decoder_layers
 from .markers import MARKER_IDS, MediaMarkers, check_item_counts, init_std
 
 PLACEMENTS = ("openflamingo", "idefics")
 MEDIA_ATTENTION = ("immediate", "all_previous")
+FFNS = ("gelu", "swiglu")  # the block's feed-forward layer: OpenFlamingo's, or IDEFICS's and mllama's
 
 
 @dataclass
@@ -90,12 +92,17 @@ class GatedCrossAttentionBlock(nn.Module):
     """``x + tanh(g_attn) * xattn(LN(x), media) ; x + tanh(g_ff) * FFN(LN(x))`` on ``(B, L, d)``.
 
     ``media_dims``: modality -> width of its media states; each gets its own key/value projection.
+    ``ffn``: ``"gelu"`` (OpenFlamingo: two matrices, ``ff_mult * dim`` hidden units) or ``"swiglu"``
+    (IDEFICS's and mllama's cross layers: Llama's three-matrix MLP, ``ff_mult * dim`` hidden units).
     Only the gates start at zero (the output projections keep a normal init, so the gates get a
     gradient from the first step).
     """
 
-    def __init__(self, dim: int, media_dims: dict[str, int], num_heads: int, ff_mult: int = 4, qk_norm: bool = False):
+    def __init__(self, dim: int, media_dims: dict[str, int], num_heads: int, ff_mult: int = 4, qk_norm: bool = False,
+                 ffn: str = "gelu"):
         super().__init__()
+        if ffn not in FFNS:
+            raise ValueError(f"cross-attention: ffn must be one of {FFNS}, got {ffn!r}")
         if dim % num_heads:
             raise ValueError(f"cross-attention: width {dim} is not divisible by {num_heads} heads")
         self.num_heads, self.head_dim = num_heads, dim // num_heads
@@ -106,8 +113,9 @@ class GatedCrossAttentionBlock(nn.Module):
         self.q_norm = nn.LayerNorm(self.head_dim) if qk_norm else nn.Identity()
         self.k_norm = nn.LayerNorm(self.head_dim) if qk_norm else nn.Identity()
         self.attn_gate = nn.Parameter(torch.zeros(1))
-        self.ff = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, ff_mult * dim, bias=False), nn.GELU(),
-                                nn.Linear(ff_mult * dim, dim, bias=False))
+        hidden = ff_mult * dim
+        self.ff = (nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, hidden, bias=False), nn.GELU(), nn.Linear(hidden, dim, bias=False))
+                   if ffn == "gelu" else nn.Sequential(nn.LayerNorm(dim), SwiGLU(dim, hidden)))
         self.ff_gate = nn.Parameter(torch.zeros(1))
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
@@ -152,12 +160,12 @@ class CrossAttentionFusion(FusionStrategy):
     context_key = "media_context"
 
     def __init__(self, every: int = 1, placement: str | list[int] = "openflamingo", media_attention: str = "immediate",
-                 num_heads: int | None = None, ff_mult: int = 4, qk_norm: bool = False):
+                 num_heads: int | None = None, ff_mult: int = 4, qk_norm: bool = False, ffn: str = "gelu"):
         super().__init__()
         if media_attention not in MEDIA_ATTENTION:
             raise ValueError(f"media_attention must be one of {MEDIA_ATTENTION}, got {media_attention!r}")
         self.every, self.placement, self.media_attention = every, placement, media_attention
-        self.num_heads, self.ff_mult, self.qk_norm = num_heads, ff_mult, qk_norm
+        self.num_heads, self.ff_mult, self.qk_norm, self.ffn = num_heads, ff_mult, qk_norm, ffn
         self.layer_indices: list[int] = []
         self.blocks = nn.ModuleList()
         self.markers = MediaMarkers([])
@@ -182,7 +190,7 @@ class CrossAttentionFusion(FusionStrategy):
         heads = self.num_heads or attention_heads(llm)
         layers = decoder_layers(llm)
         self.layer_indices = cross_attention_layers(len(layers), self.every, self.placement)
-        self.blocks = nn.ModuleList(GatedCrossAttentionBlock(dim, media_dims, heads, self.ff_mult, self.qk_norm)
+        self.blocks = nn.ModuleList(GatedCrossAttentionBlock(dim, media_dims, heads, self.ff_mult, self.qk_norm, self.ffn)
                                     for _ in self.layer_indices)
         block_of = dict(zip(self.layer_indices, range(len(self.layer_indices))))
         for index, layer in enumerate(layers):

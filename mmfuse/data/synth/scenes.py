@@ -16,6 +16,8 @@ from typing import Callable
 import numpy as np
 from PIL import Image
 
+from ..manipulations import Box, box_from_pixels
+
 COLOURS = ("red", "green", "blue", "yellow", "purple")
 SHAPES = ("circle", "square", "triangle")
 SIZES = ("small", "large")
@@ -39,6 +41,7 @@ _CELL_PHRASES = (
     "at the bottom left", "at the bottom", "at the bottom right",
 )
 COUNT_WORDS = ("zero", "one", "two", "three")
+BOX_MARGIN = 2  # pixels around an object's box (a grounded box holds the whole object)
 _RANDOM_DRAWS = 64  # rejection-sampling tries per object before enumerating every allowed candidate
 
 
@@ -187,6 +190,24 @@ def caption(scene: Scene) -> str:
     if len(parts) == 1:
         return parts[0] + "."
     return ", ".join(parts[:-1]) + " and " + parts[-1] + "."
+
+
+def detail_questions(scene: Scene, rng: random.Random) -> list[tuple[str, str, str, str, Shape]]:
+    """``(kind, question, target, answer, shape)`` for a colour and a shape question about objects drawn
+    with ``rng``: the questions of :func:`questions`, with the noun phrase that names the object
+    (``"the square"``, ``"the red object"``) and the object itself."""
+    colour, shape = rng.choice(scene.shapes), rng.choice(scene.shapes)
+    return [
+        ("colour", f"What colour is the {colour.shape}?", f"the {colour.shape}", colour.colour, colour),
+        ("shape", f"What shape is the {shape.colour} object?", f"the {shape.colour} object", shape.shape, shape),
+    ]
+
+
+def object_box(shape: Shape, size: int = IMAGE_SIZE, margin: float = BOX_MARGIN) -> Box:
+    """The box around ``shape`` drawn at ``size``, ``margin`` pixels wider on every side, in CogVLM's
+    0-999 coordinates."""
+    x, y, r = geometry(shape, size)
+    return box_from_pixels(x - r - margin, y - r - margin, x + r + margin, y + r + margin, size, size)
 
 
 def questions(scene: Scene, rng: random.Random, allowed: Callable[[Shape], bool] | None = None) -> list[tuple[str, str, str]]:

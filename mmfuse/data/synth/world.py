@@ -1,7 +1,8 @@
 """Write the whole synthetic world to disk in the format users bring their own data in.
 
 :func:`write_world` renders scenes, sound clips, videos, digits and interleaved documents (with
-fast-binding episodes over the one-object drawings, :mod:`.binding`) to PNG, WAV
+fast-binding episodes over the one-object drawings, :mod:`.binding`, and CogCoM's chains of
+manipulations over the scenes, ``chain_qa``: :mod:`mmfuse.data.manipulations`) to PNG, WAV
 and GIF files under ``images/``, ``audio/``, ``video/`` and ``digits/``, and writes one LLaVA-style
 conversation JSON file per task and split (``{task}_{split}.json``), the text corpus
 (``text_corpus_{split}.txt``) and a ``world.json`` manifest. Splits ``train``, ``val`` and ``test``
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ...config import JsonConfig
+from .. import manipulations
 from ..formats import CAPTION_PROMPT
 from ..schema import MARKERS
 from . import binding, digits, documents, heldout, scenes, sounds, text, video
@@ -28,7 +30,7 @@ SPLITS = ("train", "val", "test", "heldout")
 TASKS = (
     "image_caption", "image_qa", "audio_caption", "audio_qa", "video_caption", "video_qa",
     "interleaved", "documents", "digits_qa", "digits_caption", "image_audio_qa", "text",
-    "image_generation", "audio_generation", "audio_multi_qa", "binding", "binding_qa",
+    "image_generation", "audio_generation", "audio_multi_qa", "binding", "binding_qa", "chain_qa",
 )
 GENERATION_PROMPT = {"image": "Draw the image: ", "audio": "Make the sound: "}
 VIDEO_FRAMES = 8
@@ -132,6 +134,7 @@ class _Item:
     file: str
     caption: str
     questions: list[tuple[str, str, str]]
+    scene: scenes.Scene | None = None  # images of scenes: what they show, for the chains
 
 
 class _Writer:
@@ -178,7 +181,7 @@ class _Writer:
             scene = _draw_scene(rng, split)
             iid = f"image-{split}-{i:05d}"
             path = self.save_media("images", f"{iid}.png", scenes.render_scene(scene).save)
-            items.append(_Item(iid, path, scenes.caption(scene), scenes.questions(scene, rng, allowed=allowed)))
+            items.append(_Item(iid, path, scenes.caption(scene), scenes.questions(scene, rng, allowed=allowed), scene))
             self.tick("rendering images")
         return items
 
@@ -242,6 +245,35 @@ class _Writer:
             _record(f"{it.id}-{kind}", {modality: [it.file]}, _markers(modality) + q, a, meta(f"{prefix}_qa", it, kind))
             for it in items for kind, q, a in it.questions
         ])
+
+    def chain_task(self, split: str, items: list[_Item]) -> None:
+        """``chain_qa``: for every scene of two or more objects (no held-out split), a colour and a shape question answered
+        through CogCoM's chain (:mod:`mmfuse.data.manipulations`): the first reply grounds the object
+        the question names and crops its box, the zoomed crop comes back as the next user turn (a PNG
+        written here), the second reply is the answer. ``meta.box`` is the grounded box."""
+        rng = _rng(self.seed, "chains", split)
+        records = []
+        for it in items if split != "heldout" else []:  # a crop of a held-out scene may show a seen object
+            if len(it.scene.shapes) < 2:  # one object: nothing to ground
+                continue
+            image = scenes.render_scene(it.scene)
+            for kind, question, target, answer, shape in scenes.detail_questions(it.scene, rng):
+                box = scenes.object_box(shape)
+                crop = manipulations.crop_and_zoom(image, box)
+                crop_path = self.save_media("images", f"{it.id}-{kind}-crop.png", crop.save)
+                records.append({
+                    "id": f"{it.id}-chain-{kind}",
+                    "image": [it.file, crop_path],
+                    "conversations": [
+                        {"from": "human", "value": _markers("image") + question},
+                        {"from": "gpt", "value": manipulations.grounding_step(target, box)},
+                        {"from": "human", "value": MARKERS["image"]},
+                        {"from": "gpt", "value": answer},
+                    ],
+                    "meta": {"task": "chain_qa", "split": split, "kind": kind, "box": list(box),
+                             "captions": {"image": [it.caption, f"a {shape.size} {shape.name}."]}},
+                })
+        self.write_task("chain_qa", split, records)
 
     def audio_multi_task(self, split: str, clips: list[_Item]) -> None:
         """``audio_multi_qa``: two of a clip's questions in one instruction, answered together (WavLLM's
@@ -383,6 +415,7 @@ def write_world(out_dir: Path, *, seed: int = 0, sizes: WorldSizes | None = None
     for split in SPLITS:
         images, clips, videos = writer.scene_items(split), writer.sound_items(split), writer.video_items(split)
         writer.media_tasks("image", "image", split, images)
+        writer.chain_task(split, images)
         writer.media_tasks("audio", "audio", split, clips)
         writer.audio_multi_task(split, clips)
         writer.media_tasks("video", "video", split, videos)
