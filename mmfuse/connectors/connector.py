@@ -11,7 +11,7 @@ from .mapper import MappingNetwork
 from .middleware import LanguageMiddleware
 from .perceiver import PerceiverResampler
 from .projector import build_projector
-from .qformer import QFormerResampler, sincos_2d
+from .qformer import QFormerResampler, add_positions_2d
 from .windows import SlidingWindowTransformer
 
 
@@ -62,11 +62,7 @@ class Connector(nn.Module):
         if self.input_norm is not None:
             features = self.input_norm(features)
         if self.positions_2d:
-            try:
-                grid = sincos_2d(features.shape[1] // frames, features.shape[2])
-            except ValueError as err:
-                raise ValueError(f"connector positions_2d: {err}") from err
-            features = features + grid.to(features).repeat(frames, 1)
+            features = add_positions_2d(features, frames, "connector")
         if self.pool_stride > 1:
             if features.shape[1] < self.pool_stride:
                 raise ValueError(f"connector: {features.shape[1]} tokens is fewer than pool_stride {self.pool_stride}")

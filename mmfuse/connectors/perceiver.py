@@ -21,7 +21,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .frames import add_frame_embeddings, frame_embeddings
-from .qformer import sincos_2d
+from .qformer import add_positions_2d
 
 
 class PerceiverAttention(nn.Module):
@@ -120,11 +120,7 @@ class PerceiverResampler(nn.Module):
         except ValueError as err:
             raise ValueError(f"perceiver: {err}") from err
         if self.positions_2d:
-            try:
-                grid = sincos_2d(features.shape[1] // frames, features.shape[2])
-            except ValueError as err:
-                raise ValueError(f"perceiver positions_2d: {err}") from err
-            features = features + grid.to(features).repeat(frames, 1)
+            features = add_positions_2d(features, frames, "perceiver")
         latents = self.latents.to(features.dtype).unsqueeze(0).expand(n, -1, -1)
         for layer in self.layers:
             latents = layer(features, latents)

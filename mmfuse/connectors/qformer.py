@@ -40,6 +40,16 @@ def sincos_2d(tokens: int, dim: int) -> torch.Tensor:
     return torch.cat([encode(rows), encode(cols)], dim=1)
 
 
+def add_positions_2d(features: torch.Tensor, frames: int, owner: str) -> torch.Tensor:
+    """``(n, frames * tokens, dim)`` frame-major features plus each frame's :func:`sincos_2d` grid;
+    a grid that is not square is an error naming ``owner``."""
+    try:
+        grid = sincos_2d(features.shape[1] // frames, features.shape[2])
+    except ValueError as err:
+        raise ValueError(f"{owner} positions_2d: {err}") from err
+    return features + grid.to(features).repeat(frames, 1)
+
+
 class QFormerBlock(nn.Module):
     """Pre-norm block: self-attn over queries, optional cross-attn to features, FFN."""
 
