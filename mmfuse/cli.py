@@ -198,6 +198,8 @@ def evaluate(
         for kind, row in result["by_kind"].items():
             table.add_row(kind, f"{row['accuracy']:.1%}", str(row["count"]))
         out.print(table)
+        if "grounded" in result:  # a chain of manipulations (chain_qa)
+            out.print(f"{name}: a box in {result['box_written']:.1%} of first replies, {result['grounded']:.1%} grounded (IoU >= 0.5)")
     if json_out:
         json_out.write_text(json.dumps(results, indent=2) + "\n")
 

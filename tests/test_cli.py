@@ -83,6 +83,12 @@ def test_eval_generate_info_recipes(world, recipe, tmp_path):
     result = json.loads((tmp_path / "r.json").read_text())["image_qa"]
     assert result["count"] == sum(r["count"] for r in result["by_kind"].values()) > 0
     assert {"colour", "shape", "count"} <= set(result["by_kind"])
+    chains = _run("eval", run, "--data", world, "--split", "train", "--task", "chain_qa", "--limit", "4",
+                  "--json", tmp_path / "c.json")
+    assert "chain_qa: a box in 0.0% of first replies, 0.0% grounded (IoU >= 0.5)" in " ".join(chains.stdout.split())
+    result = json.loads((tmp_path / "c.json").read_text())["chain_qa"]
+    assert result["count"] == 4 and 0 <= result["grounded"] <= result["box_written"] <= 1
+    assert all("step" in row and "box" in row for row in result["predictions"])
     image = next((world / "images").glob("*.png"))
     out = _run("generate", run, "--image", image, "--prompt", "What colour is the circle?", "--max-new-tokens", "4")
     assert out.returncode == 0
