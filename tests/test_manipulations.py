@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from mmfuse.data.formats import load_samples
-from mmfuse.data.manipulations import box_iou, crop_and_zoom, format_box, grounding_step, parse_box
+from mmfuse.data.manipulations import CHAIN_REQUEST, box_iou, crop_and_zoom, format_box, grounding_step, parse_box
 from mmfuse.data.media import load_image
 from mmfuse.data.schema import MARKERS
 from mmfuse.data.synth import scenes
@@ -73,7 +73,7 @@ def test_world_chains_ground_the_named_object_and_show_its_crop(world):
     for record in records:
         scene_file, crop_file = record["image"]
         turns = [t["value"] for t in record["conversations"]]
-        assert turns[0].startswith(MARKERS["image"]) and turns[2] == MARKERS["image"]
+        assert turns[0].startswith(MARKERS["image"]) and turns[0].endswith("? " + CHAIN_REQUEST) and turns[2] == MARKERS["image"]
         box = parse_box(turns[1])
         assert box is not None and list(box) == record["meta"]["box"]
         expected = crop_and_zoom(load_image(world / scene_file), box)

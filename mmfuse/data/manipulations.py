@@ -1,8 +1,10 @@
 """CogCoM's chain of manipulations (Qi et al. 2024), the two it needs for detail questions: grounding,
 then crop-and-zoom.
 
-A chain is a two-turn conversation. The model's first reply names the manipulations and the box that
-grounding found, in CogVLM's box format (corners scaled to 0-999, three digits each)::
+A chain is a two-turn conversation. The question ends with :data:`CHAIN_REQUEST`, so a model trained on
+chains and on plain answers to the same questions knows which is asked for. The model's first reply
+names the manipulations and the box that grounding found, in CogVLM's box format (corners scaled to
+0-999, three digits each)::
 
     grounding(the square) -> [[333,000,666,333]]; crop_and_zoom([[333,000,666,333]])
 
@@ -19,6 +21,7 @@ import re
 
 from PIL import Image
 
+CHAIN_REQUEST = "Ground it, then zoom in."  # ends a question to be answered through a chain
 BOX_SCALE = 1000  # CogVLM's box coordinates: 0..999 of the image's width and height
 _BOX_RE = re.compile(r"\[\[(\d{1,3}),(\d{1,3}),(\d{1,3}),(\d{1,3})\]\]")
 

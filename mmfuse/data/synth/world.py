@@ -265,7 +265,7 @@ class _Writer:
                     "id": f"{it.id}-chain-{kind}",
                     "image": [it.file, crop_path],
                     "conversations": [
-                        {"from": "human", "value": _markers("image") + question},
+                        {"from": "human", "value": f"{_markers('image')}{question} {manipulations.CHAIN_REQUEST}"},
                         {"from": "gpt", "value": manipulations.grounding_step(target, box)},
                         {"from": "human", "value": MARKERS["image"]},
                         {"from": "gpt", "value": answer},
