@@ -43,7 +43,7 @@ SHOT_FORMATS = ("turns", "document")
 FEWSHOT_POOL = 512  # train examples a few-shot prompt draws from
 GENERATION_TASKS = {"image_generation": "image", "audio_generation": "audio"}  # task -> the modality generated
 CHAIN_TASKS = ("chain_qa",)
-CHAIN_STEP_TOKENS = 48  # a first reply: grounding(<phrase>) -> [[box]]; crop_and_zoom([[box]])
+CHAIN_STEP_TOKENS = 96  # a first reply, grounding(<phrase>) -> [[box]]; crop_and_zoom([[box]]), is about 65 tokens of the world LLM
 GROUNDED_IOU = 0.5
 # How each modality is decoded when scored: images greedily (measured best for the world's VQ codes);
 # sounds by sampling at temperature 1, since most frames of a clip are silence and greedy decoding
