@@ -78,7 +78,6 @@ ACCEPT_DECODE_VS_IDEFICS = 1.3  # ours tok/s / IDEFICS tok/s
 ACCEPT_MEDIA_SCALING = 1.10  # ours decode s/token with 256 media tokens / with 16
 
 MMFUSE, MMFUSE_PROJ, MLLAMA, IDEFICS = "mmfuse", "mmfuse-proj", "hf-mllama", "hf-idefics"
-REFS = (MLLAMA, IDEFICS)
 MATCHED = {MLLAMA: MMFUSE_PROJ, IDEFICS: MMFUSE}  # each reference -> the mmfuse model of its media path
 COMPARED = (*MATCHED.items(), (MLLAMA, MMFUSE))  # (reference, mmfuse model) pairs whose ratios are reported
 
@@ -384,22 +383,22 @@ def media_scaling(size: str, args, device: torch.device, tokenizer_dir: Path) ->
     differ only in the perceiver's number of latents. HF mllama, the reference for what a cached
     cross-attention costs: 17 vs 257 (one 32x32 vs 128x128 tile). Same seed and text for all; per token
     = (generate(N) - TTFT) / (N - 1), so the larger media path's encoding stays out of it."""
+    tokens = {MMFUSE: list(SCALING_LATENTS), MLLAMA: [(s // PATCH_SIZE) ** 2 + 1 for s in SCALING_MLLAMA_IMAGE_SIZES]}
+    pairs = {key: tuple(f"{key}-{n}" for n in counts) for key, counts in tokens.items()}
     contenders = []
+    batch = make_batches(args.batch_size, args.text_tokens, args.vocab_size, device, args.seed)[MMFUSE]
     for n in SCALING_LATENTS:
         torch.manual_seed(args.seed)
         model = build_mmfuse(size, args.vocab_size, tokenizer_dir, num_latents=n).to(device)
         assert model.media_token_count("image", (3, IMAGE_SIZE, IMAGE_SIZE)) == n
-        batch = make_batches(args.batch_size, args.text_tokens, args.vocab_size, device, args.seed)[MMFUSE]
         contenders.append(contender(f"{MMFUSE}-{n}", model, batch))
-    for image_size in SCALING_MLLAMA_IMAGE_SIZES:
+    for image_size, n in zip(SCALING_MLLAMA_IMAGE_SIZES, tokens[MLLAMA]):
         torch.manual_seed(args.seed)
         model = build_mllama(size, args.vocab_size, image_size).to(device).eval()
-        n = media_tokens(MLLAMA, model, device, image_size)
-        assert n == (image_size // PATCH_SIZE) ** 2 + 1, n
+        assert media_tokens(MLLAMA, model, device, image_size) == n, n
         batch = make_batches(args.batch_size, args.text_tokens, args.vocab_size, device, args.seed, image_size)[MLLAMA]
         contenders.append(contender(f"{MLLAMA}-{n}", model, batch))
-    pairs = {MMFUSE: tuple(c.name for c in contenders[:2]), MLLAMA: tuple(c.name for c in contenders[2:])}
-    out = {"media_tokens": {k: [int(n.rsplit("-", 1)[1]) for n in v] for k, v in pairs.items()}, "batches": {}}
+    out = {"media_tokens": tokens, "batches": {}}
     for b in args.gen_batch_sizes:
         gen = measure_generation(contenders, device, batch_size=b, new_tokens=args.new_tokens,
                                  repeats=args.gen_repeats, warmup=1)

@@ -12,7 +12,7 @@ The runtime then executes ``crop_and_zoom``: it crops the box out of the image t
 and zooms the crop back to that image's size (:func:`crop_and_zoom`). The zoomed crop comes back as
 the next user turn, ``<image>``, and the model's second reply is the answer. The world writes such
 chains (``chain_qa``) and the evaluation runs the same loop on the model's own boxes
-(:func:`mmfuse.eval.tasks.evaluate_chains`).
+(:func:`mmfuse.eval.tasks.chain_scores`).
 """
 
 from __future__ import annotations

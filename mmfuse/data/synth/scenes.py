@@ -194,7 +194,7 @@ def caption(scene: Scene) -> str:
 
 def detail_questions(scene: Scene, rng: random.Random) -> list[tuple[str, str, str, str, Shape]]:
     """``(kind, question, target, answer, shape)`` for a colour and a shape question about objects drawn
-    with ``rng``: the questions of :func:`questions`, with the noun phrase that names the object
+    with ``rng`` (the first two of :func:`questions`), with the noun phrase that names the object
     (``"the square"``, ``"the red object"``) and the object itself."""
     colour, shape = rng.choice(scene.shapes), rng.choice(scene.shapes)
     return [
@@ -219,11 +219,7 @@ def questions(scene: Scene, rng: random.Random, allowed: Callable[[Shape], bool]
     """
     if not scene.shapes:
         raise ValueError("questions: the scene has no shapes")
-    out = []
-    s = rng.choice(scene.shapes)
-    out.append(("colour", f"What colour is the {s.shape}?", s.colour))
-    s = rng.choice(scene.shapes)
-    out.append(("shape", f"What shape is the {s.colour} object?", s.shape))
+    out = [(kind, question, answer) for kind, question, _, answer, _ in detail_questions(scene, rng)]
     out.append(("count", "How many shapes are there?", COUNT_WORDS[len(scene.shapes)]))
     s = rng.choice(scene.shapes)
     out.append(("position", f"Where is the {s.name}?", CELL_NAMES[s.cell]))
