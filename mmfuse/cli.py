@@ -198,6 +198,12 @@ def evaluate(
         for kind, row in result["by_kind"].items():
             table.add_row(kind, f"{row['accuracy']:.1%}", str(row["count"]))
         out.print(table)
+        if "by_objects" in result:  # the world's images: does the model pick the object the question names?
+            counts = sorted({n for row in result["by_objects"].values() for n in row}, key=int)
+            table = Table("kind", *(f"{n} object{'s' * (n != '1')}" for n in counts), title=f"{name} ({split}) by objects in the scene")
+            for kind, row in result["by_objects"].items():
+                table.add_row(kind, *(f"{row[n]['accuracy']:.1%} of {row[n]['count']}" if n in row else "-" for n in counts))
+            out.print(table)
         if "grounded" in result:  # a chain of manipulations (chain_qa)
             out.print(f"{name}: a box in {result['box_written']:.1%} of first replies, {result['grounded']:.1%} grounded (IoU >= 0.5)")
     if json_out:

@@ -79,9 +79,11 @@ def test_train_killed_and_resumed_matches_uninterrupted(world, recipe, tmp_path)
 def test_eval_generate_info_recipes(world, recipe, tmp_path):
     run = tmp_path / "run"
     _run("train", recipe, "--data", world, "--out", run)
-    _run("eval", run, "--data", world, "--split", "test", "--json", tmp_path / "r.json")
+    printed = " ".join(_run("eval", run, "--data", world, "--split", "test", "--json", tmp_path / "r.json").stdout.split())
     result = json.loads((tmp_path / "r.json").read_text())["image_qa"]
     assert result["count"] == sum(r["count"] for r in result["by_kind"].values()) > 0
+    assert "image_qa (test) by objects in the scene" in printed
+    assert all(sum(r["count"] for r in result["by_objects"][k].values()) == result["by_kind"][k]["count"] for k in result["by_kind"])
     assert {"colour", "shape", "count"} <= set(result["by_kind"])
     chains = _run("eval", run, "--data", world, "--split", "train", "--task", "chain_qa", "--limit", "4",
                   "--json", tmp_path / "c.json")

@@ -22,6 +22,18 @@ def _qa(media_dir, sid, answer, image="a.png", kind="colour"):
                   {"image": [media_dir / image]}, {"kind": kind})
 
 
+def test_qa_scores_split_each_kind_by_the_objects_in_the_scene(media_dir):
+    samples = [_qa(media_dir, "s0", "red"), _qa(media_dir, "s1", "blue"), _qa(media_dir, "s2", "green"),
+               _qa(media_dir, "s3", "square", kind="shape")]
+    for sample, objects in zip(samples, (1, 2, 2, 3)):
+        sample.meta["objects"] = objects
+    scores = tasks.qa_scores(samples, ["red", "blue", "red", "circle"])
+    assert scores["by_objects"] == {"colour": {"1": {"accuracy": 1.0, "count": 1}, "2": {"accuracy": 0.5, "count": 2}},
+                                    "shape": {"3": {"accuracy": 0.0, "count": 1}}}
+    assert scores["by_kind"]["colour"] == {"accuracy": 2 / 3, "count": 3}
+    assert "by_objects" not in tasks.qa_scores([_qa(media_dir, "s4", "red")], ["red"])  # media without a scene count
+
+
 def test_score_is_the_summed_log_likelihood_of_the_answer(tokenizer_dir, media_dir):
     model = MultimodalLM.from_config(tiny_config(tokenizer_dir))
     adapter = EvalAdapter(model, batch_size=3)

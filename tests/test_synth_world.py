@@ -103,6 +103,13 @@ def test_records_are_valid_samples_with_existing_media(world):
         assert r["conversations"][1]["value"] == ", ".join(expected) and "+" in r["meta"]["kind"]
     docs = [r for r in records if r["meta"]["task"] == "interleaved"]
     assert all(documents.MIN_IMAGES <= len(r["image"]) <= documents.MAX_IMAGES for r in docs)
+    # a scene's records say how many objects it holds: its count question's answer
+    scene_records = [r for r in records if r["meta"]["task"] in ("image_qa", "image_caption")]
+    objects = {r["image"]: r["meta"]["objects"] for r in scene_records}
+    counted = {r["image"]: r["conversations"][1]["value"] for r in scene_records if r["meta"]["kind"] == "count"}
+    assert counted and {f: scenes.COUNT_WORDS[objects[f]] for f in counted} == counted
+    assert set(objects.values()) == {1, 2, 3}
+    assert not any("objects" in r["meta"] for r in records if r["meta"]["task"] in ("audio_qa", "digits_qa"))
 
 
 def test_heldout_combinations_only_in_heldout_split(world):

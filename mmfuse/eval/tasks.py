@@ -120,24 +120,34 @@ def evaluate_task(
 
 
 def qa_scores(samples: list[Sample], predictions: list[str]) -> dict:
-    """``{"accuracy", "vqa_accuracy", "count", "by_kind": {kind: {"accuracy", "count"}}, "predictions"}``."""
+    """``{"accuracy", "vqa_accuracy", "count", "by_kind": {kind: {"accuracy", "count"}}, "predictions"}``,
+    plus ``"by_objects": {kind: {"n": {"accuracy", "count"}}}`` when the samples' meta say how many objects
+    their scene holds (the world's images): a question about one of several objects needs the model to
+    bind the attribute to the object named, which a one-object scene does not test."""
     hits: dict[str, list[bool]] = defaultdict(list)
+    by_objects: dict[str, dict[int, list[bool]]] = defaultdict(lambda: defaultdict(list))
     vqa, rows = [], []
     for sample, prediction in zip(samples, predictions, strict=True):
         reference = sample.prompt_and_answer()[1]
         ok = exact_match(prediction, reference)
         kind = sample.meta.get("kind", "all")
         hits[kind].append(ok)
+        if "objects" in sample.meta:
+            by_objects[kind][int(sample.meta["objects"])].append(ok)
         vqa.append(vqa_accuracy(prediction, [reference]))
         rows.append({"id": sample.id, "kind": kind, "prediction": prediction, "reference": reference, "correct": ok})
     every = [ok for oks in hits.values() for ok in oks]
-    return {
+    result = {
         "accuracy": sum(every) / len(every),
         "vqa_accuracy": sum(vqa) / len(vqa),
         "count": len(every),
         "by_kind": {k: {"accuracy": sum(v) / len(v), "count": len(v)} for k, v in sorted(hits.items())},
         "predictions": rows,
     }
+    if by_objects:
+        result["by_objects"] = {k: {str(n): {"accuracy": sum(v) / len(v), "count": len(v)} for n, v in sorted(counts.items())}
+                                for k, counts in sorted(by_objects.items())}
+    return result
 
 
 def chain_scores(adapter: EvalAdapter, samples: list[Sample], max_new_tokens: int,

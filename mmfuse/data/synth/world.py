@@ -234,7 +234,10 @@ class _Writer:
     def media_tasks(self, modality: str, prefix: str, split: str, items: list[_Item]) -> None:
         """``{prefix}_caption`` and ``{prefix}_qa`` records for single-item media."""
         def meta(task: str, item: _Item, kind: str) -> dict[str, Any]:
-            return {"task": task, "split": split, "kind": kind, "captions": {modality: [item.caption]}}
+            out = {"task": task, "split": split, "kind": kind, "captions": {modality: [item.caption]}}
+            if item.scene is not None:  # how many objects the question may have to choose among
+                out["objects"] = len(item.scene.shapes)
+            return out
 
         prompt = _markers(modality) + CAPTION_PROMPT[modality]
         self.write_task(f"{prefix}_caption", split, [
