@@ -179,8 +179,20 @@ def _cell(fn: Callable[[Record], str], r: Record) -> str:
         return f"n/a ({type(err).__name__})"
 
 
+BINDING_KINDS = ("colour", "shape")  # questions that name one object by another attribute
+
+
+def binding_accuracy(result: dict[str, Any]) -> float | None:
+    """Accuracy on the colour and shape questions about scenes of two or more objects, where the
+    model must bind the attribute to the object the question names (``None`` without a split)."""
+    rows = [row for kind in BINDING_KINDS for n, row in result.get("by_objects", {}).get(kind, {}).items() if int(n) >= 2]
+    count = sum(row["count"] for row in rows)
+    return sum(row["accuracy"] * row["count"] for row in rows) / count if count else None
+
+
 def metric_rows(records: list[Record]) -> list[tuple[str, list[str]]]:
-    """One row per (task, figure) any record holds: QA accuracy (and choice accuracy), caption CIDEr-D."""
+    """One row per (task, figure) any record holds: QA accuracy (and choice accuracy, and, on the world's
+    scenes, :func:`binding_accuracy`), caption CIDEr-D."""
     keys = sorted({k for r in _ok(records) for k in r.get("metrics", {})})
     rows = []
     for key in keys:
@@ -192,6 +204,9 @@ def metric_rows(records: list[Record]) -> list[tuple[str, list[str]]]:
                 continue
             cells = [("-" if x is None else f"{x[figure]:.1%}" if "accuracy" in figure else f"{x[figure]:.3f}") for x in results]
             rows.append((f"{key} {figure.replace('_', ' ')}", cells))
+        if any(x and binding_accuracy(x) is not None for x in results):
+            cells = ["-" if x is None or binding_accuracy(x) is None else f"{binding_accuracy(x):.1%}" for x in results]
+            rows.append((f"{key} colour and shape, 2-3 objects", cells))
     return rows
 
 

@@ -81,6 +81,7 @@ def test_quick_compare_writes_report_plots_and_survives_a_failing_recipe(tmp_pat
     text = (tmp_path / "cmp" / "report.md").read_text()
     for axis in ("Training compute", "Training data", "Architecture complexity", "Adding a modality", "Any-to-any generation"):
         assert f"| {axis} |" in text
+    assert "| image_qa/test colour and shape, 2-3 objects |" in text  # binding, beside the plain accuracy
     for png in ("learning_curves.png", "media_token_cost.png", "params_flops.png"):
         with Image.open(tmp_path / "cmp" / png) as image:
             assert image.size[0] > 300 and image.size[1] > 200

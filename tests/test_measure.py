@@ -15,7 +15,7 @@ from mmfuse.data.schema import Message, Sample
 from mmfuse.measure import adds_modality, media_token_cost, parameter_summary, train_flops, trainable_parameters
 from mmfuse.model import MultimodalLM
 from mmfuse.recipe import load_recipe
-from mmfuse.report import AXES, _slope, write_markdown
+from mmfuse.report import AXES, _slope, binding_accuracy, metric_rows, write_markdown
 from mmfuse.train.config import StageConfig
 from mmfuse.train.stage import apply_stage
 
@@ -144,3 +144,17 @@ def test_report_verdicts_follow_the_measurements(tmp_path):
     text = write_markdown({"recipes": [*agree, every], "settings": {"budget": 64, "seed": 0, "eval_limit": 8}, "data": "w"},
                           tmp_path / "report2.md")
     assert "has every world modality" in text
+
+
+def test_report_rows_show_binding_on_scenes_of_several_objects():
+    def qa(split):  # colour 1 object 4/4, 2 objects 1/2; shape 3 objects 1/4; count questions are not binding
+        return {"accuracy": 0.5, "by_kind": {}, "by_objects": {
+            "colour": {"1": {"accuracy": 1.0, "count": 4}, "2": {"accuracy": 0.5, "count": 2}},
+            "shape": {"3": {"accuracy": 0.25, "count": 4}}, "count": {"2": {"accuracy": 1.0, "count": 10}}}} if split else {"accuracy": 0.5}
+    assert binding_accuracy(qa(True)) == pytest.approx((1 + 1) / 6) and binding_accuracy(qa(False)) is None
+    records = [dict(_record("a", "A", 1, 1, 0.5), metrics={"image_qa/test": qa(True)}),
+               dict(_record("b", "C", 1, 1, 0.5), metrics={"image_qa/test": qa(False)}),
+               dict(_record("c", "C", 1, 1, 0.5), metrics={"audio_qa/test": {"accuracy": 0.5}})]
+    rows = dict(metric_rows(records))
+    assert rows["image_qa/test colour and shape, 2-3 objects"] == ["33.3%", "-", "-"]
+    assert rows["image_qa/test accuracy"] == ["50.0%", "50.0%", "-"] and len(rows) == 3
