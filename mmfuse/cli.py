@@ -194,20 +194,57 @@ def evaluate(
             out.print(f"{name} ({split}): CIDEr-D {result['cider_d']:.3f}, BLEU-4 {result['bleu4']:.3f} over {result['count']}")
             continue
         extra = f", choice accuracy {result['choice_accuracy']:.1%}" if "choice_accuracy" in result else ""
-        table = Table("kind", "accuracy", "count", title=f"{name} ({split}) - overall {result['accuracy']:.1%} of {result['count']}{extra}")
-        for kind, row in result["by_kind"].items():
-            table.add_row(kind, f"{row['accuracy']:.1%}", str(row["count"]))
-        out.print(table)
-        if "by_objects" in result:  # the world's images: does the model pick the object the question names?
-            counts = sorted({n for row in result["by_objects"].values() for n in row}, key=int)
-            table = Table("kind", *(f"{n} object{'s' * (n != '1')}" for n in counts), title=f"{name} ({split}) by objects in the scene")
-            for kind, row in result["by_objects"].items():
-                table.add_row(kind, *(f"{row[n]['accuracy']:.1%} of {row[n]['count']}" if n in row else "-" for n in counts))
-            out.print(table)
+        _print_qa(out, f"{name} ({split})", result, extra)
         if "grounded" in result:  # a chain of manipulations (chain_qa)
             out.print(f"{name}: a box in {result['box_written']:.1%} of first replies, {result['grounded']:.1%} grounded (IoU >= 0.5)")
     if json_out:
         json_out.write_text(json.dumps(results, indent=2) + "\n")
+
+
+def _print_qa(out: Console, title: str, result: dict, extra: str = "") -> None:
+    """A QA result's table per kind and, on the world's images, per number of objects in the scene."""
+    table = Table("kind", "accuracy", "count", title=f"{title} - overall {result['accuracy']:.1%} of {result['count']}{extra}")
+    for kind, row in result["by_kind"].items():
+        table.add_row(kind, f"{row['accuracy']:.1%}", str(row["count"]))
+    out.print(table)
+    if "by_objects" in result:  # the world's images: does the answer come from the object the question names?
+        counts = sorted({n for row in result["by_objects"].values() for n in row}, key=int)
+        table = Table("kind", *(f"{n} object{'s' * (n != '1')}" for n in counts), title=f"{title} by objects in the scene")
+        for kind, row in result["by_objects"].items():
+            table.add_row(kind, *(f"{row[n]['accuracy']:.1%} of {row[n]['count']}" if n in row else "-" for n in counts))
+        out.print(table)
+
+
+@app.command()
+def probe(
+    run: Path = typer.Argument(..., help="A trained model directory (`mmfuse train --out`)."),
+    data: Path = typer.Option(..., help="Dataset directory."),
+    task: str = typer.Option("image_qa", help="A QA task whose samples hold one media item each."),
+    split: str = typer.Option("test", help="The split to score; the probe trains on the train split."),
+    kind: Optional[list[str]] = typer.Option(None, help="Only these question kinds (repeat); default: all."),
+    source: str = typer.Option("connector", help="connector (what the fusion receives) | encoder (what the encoder offers)"),
+    steps: int = typer.Option(3000, help="Probe training steps (batch 64)."),
+    limit: Optional[int] = typer.Option(None, help="Use only the first N samples of each split (after --kind)."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the result as JSON."),
+    allow_outside_root: bool = typer.Option(False, help="Accept media paths outside the dataset file's directory (refused by default)."),
+):
+    """What the run's media features carry: a probe reads their average and the question and names the
+    answer. High where the model is low means the fusion, not the features, loses the answer."""
+    from .data.formats import load_samples, resolve_dataset
+    from .eval.feature_probe import probe_features
+    from .model import MultimodalLM
+
+    def samples(which: str) -> list:
+        read = load_samples(resolve_dataset(data, task, which), allow_outside_root=allow_outside_root)
+        return [s for s in read if not kind or s.meta.get("kind") in kind][:limit]
+
+    model = MultimodalLM.from_pretrained(run)
+    result = probe_features(model, samples("train"), samples(split), source=source, steps=steps)
+    out = Console()
+    _print_qa(out, f"probe on the {source} features: {task} ({split})", result,
+              f"; train {result['train_accuracy']:.1%}, {len(result['answers'])} answers")
+    if json_out:
+        json_out.write_text(json.dumps(result, indent=2) + "\n")
 
 
 @app.command()

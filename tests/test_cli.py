@@ -85,6 +85,10 @@ def test_eval_generate_info_recipes(world, recipe, tmp_path):
     assert "image_qa (test) by objects in the scene" in printed
     assert all(sum(r["count"] for r in result["by_objects"][k].values()) == result["by_kind"][k]["count"] for k in result["by_kind"])
     assert {"colour", "shape", "count"} <= set(result["by_kind"])
+    probed = _run("probe", run, "--data", world, "--kind", "colour", "--kind", "shape", "--steps", "20", "--json", tmp_path / "p.json")
+    assert "probe on the connector features: image_qa (test) by objects in the scene" in " ".join(probed.stdout.split())
+    result = json.loads((tmp_path / "p.json").read_text())
+    assert set(result["by_kind"]) == {"colour", "shape"} and result["source"] == "connector" and result["steps"] == 20
     chains = _run("eval", run, "--data", world, "--split", "train", "--task", "chain_qa", "--limit", "4",
                   "--json", tmp_path / "c.json")
     assert "chain_qa: a box in 0.0% of first replies, 0.0% grounded (IoU >= 0.5)" in " ".join(chains.stdout.split())

@@ -37,7 +37,6 @@ items (at least 16). :func:`probe_metrics` returns the saved accuracies.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
@@ -57,6 +56,7 @@ from torch import nn
 from mmfuse.backbones.schedules import warmup_cosine
 from mmfuse.data.synth import scenes, sounds
 from mmfuse.data.synth.heldout import event_is_heldout, sample_heldout, scene_is_heldout
+from mmfuse.modes import one_cpu_thread
 
 __all__ = [
     "AudioProbe", "ImageProbe", "NONE", "build_probe", "degrade_images", "degrade_waves", "griffin_lim",
@@ -129,7 +129,7 @@ class _Probe(nn.Module):
         was_training = self.training
         self.eval()
         try:
-            with _one_thread():
+            with one_cpu_thread():
                 parts = [self(x[i : i + batch_size].to(self._device)) for i in range(0, x.shape[0], batch_size)]
         finally:
             self.train(was_training)
@@ -141,19 +141,6 @@ class _Probe(nn.Module):
             name: [self.classes[name][i] for i in probs.argmax(-1).tolist()]
             for name, probs in self.probabilities(media).items()
         }
-
-
-@contextlib.contextmanager
-def _one_thread():
-    """Run torch ops on one CPU thread, restoring the caller's setting after. The probes are tiny: extra
-    intra-op threads gain little and on a busy machine cost up to 10x in spin-waiting; one thread also
-    makes training reproducible across machines with different core counts."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def _as_float_tensor(media, what: str) -> torch.Tensor:
@@ -329,7 +316,7 @@ def griffin_lim(
 ) -> torch.Tensor:
     """Re-synthesise ``waves`` (n, samples) from their STFT magnitude alone: random initial phase,
     ``iterations`` Griffin-Lim updates (0 keeps the random phase). Mimics a magnitude-only audio codec."""
-    with _one_thread():
+    with one_cpu_thread():
         window = torch.hann_window(n_fft)
         length = waves.shape[-1]
         mag = torch.stft(waves, n_fft, hop, window=window, center=True, return_complex=True).abs()
@@ -551,7 +538,7 @@ def train_image_probe(
     empty images predicted "none"), plus steps, batch size, seed and ``train_seconds``.
     """
     eval_items = EVAL_ITEMS if eval_items is None else eval_items
-    with torch.random.fork_rng(devices=[]), _one_thread():
+    with torch.random.fork_rng(devices=[]), one_cpu_thread():
         torch.manual_seed(seed)
         probe = ImageProbe()
         metrics = _train(probe, _image_batch, _image_degraded, seed=seed, steps=steps, batch_size=batch_size,
@@ -574,7 +561,7 @@ def train_audio_probe(
     ``griffin_lim_accuracy`` clips re-synthesised by an 8-iteration Griffin-Lim from random phase (up to 128 clips).
     """
     eval_items = EVAL_ITEMS if eval_items is None else eval_items
-    with torch.random.fork_rng(devices=[]), _one_thread():
+    with torch.random.fork_rng(devices=[]), one_cpu_thread():
         torch.manual_seed(seed)
         probe = AudioProbe()
         metrics = _train(probe, _audio_batch, _audio_degraded, seed=seed, steps=steps, batch_size=batch_size,
