@@ -67,7 +67,9 @@ def media_features(model, samples: list[Sample], source: str = "connector", batc
     if modality not in model.encoders:
         raise ValueError(f"the model has no {modality} encoder to probe (it has {sorted(model.encoders)})")
     keys = [str(item) if isinstance(item, (str, Path)) else f"#{i}" for i, (_, item) in enumerate(pairs)]  # files once
-    distinct = {key: i for i, key in enumerate(keys)}  # the first sample holding each item
+    distinct: dict[str, int] = {}  # each item's first sample
+    for i, key in enumerate(keys):
+        distinct.setdefault(key, i)
     order = list(distinct.values())
     process, device = model.media_processors[modality], next(model.parameters()).device
     out = []
