@@ -204,9 +204,9 @@ def metric_rows(records: list[Record]) -> list[tuple[str, list[str]]]:
                 continue
             cells = [("-" if x is None else f"{x[figure]:.1%}" if "accuracy" in figure else f"{x[figure]:.3f}") for x in results]
             rows.append((f"{key} {figure.replace('_', ' ')}", cells))
-        if any(x and binding_accuracy(x) is not None for x in results):
-            cells = ["-" if x is None or binding_accuracy(x) is None else f"{binding_accuracy(x):.1%}" for x in results]
-            rows.append((f"{key} colour and shape, 2-3 objects", cells))
+        binding = [None if x is None else binding_accuracy(x) for x in results]
+        if any(b is not None for b in binding):
+            rows.append((f"{key} colour and shape, 2-3 objects", ["-" if b is None else f"{b:.1%}" for b in binding]))
     return rows
 
 
